@@ -1,0 +1,60 @@
+"""Hidden states -> per-token quantities, a chunk of positions at a time.
+
+A 50k vocabulary over thousands of completion tokens is gigabytes of logits; we project a chunk of
+positions, reduce it to one number per position, and (when training) recompute the chunk's logits
+in the backward pass with activation checkpointing, so peak memory holds one chunk of logits.
+Inputs are flat: the selected positions only (M x H), usually the completion positions.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from opd.losses.divergences import divergence
+
+
+def _map_chunks(fn: Callable, chunk_size: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """fn over matching chunks of the first dimension of `tensors`, concatenated."""
+    total = tensors[0].shape[0]
+    outputs = []
+    for start in range(0, total, chunk_size):
+        pieces = [t[start:start + chunk_size] for t in tensors]
+        if torch.is_grad_enabled():
+            outputs.append(checkpoint(fn, *pieces, use_reentrant=False))
+        else:
+            outputs.append(fn(*pieces))
+    if not outputs:
+        return tensors[0].new_zeros(0, dtype=torch.float32)
+    return torch.cat(outputs)
+
+
+def token_logprobs(logits_fn: Callable, hidden_M_H: torch.Tensor, targets_M: torch.Tensor,
+                   chunk_size: int = 256) -> torch.Tensor:
+    """log p(target) at each position (M)."""
+
+    def chunk(h, y):
+        return F.log_softmax(logits_fn(h), -1).gather(-1, y[:, None]).squeeze(-1)
+
+    return _map_chunks(chunk, chunk_size, hidden_M_H, targets_M)
+
+
+def token_divergence(kind: str, student_logits_fn: Callable, student_hidden_M_H: torch.Tensor,
+                     teacher_logits_fn: Callable, teacher_hidden_M_H: torch.Tensor,
+                     jsd_beta: float = 0.5, chunk_size: int = 256) -> torch.Tensor:
+    """Exact divergence between student and teacher next-token distributions at each position (M)."""
+    teacher_hidden_M_H = teacher_hidden_M_H.detach()
+
+    def chunk(hs, ht):
+        with torch.no_grad():
+            teacher_logits = teacher_logits_fn(ht)
+        student_logits = student_logits_fn(hs)
+        if student_logits.shape[-1] != teacher_logits.shape[-1]:
+            raise ValueError(f"exact divergences need equal output sizes: student has {student_logits.shape[-1]} "
+                             f"logits, teacher {teacher_logits.shape[-1]}; use loss.kind=sampled_reverse_kl")
+        return divergence(kind, student_logits, teacher_logits, jsd_beta)
+
+    return _map_chunks(chunk, chunk_size, student_hidden_M_H, teacher_hidden_M_H)

@@ -1,0 +1,182 @@
+"""Loading student and teacher models, and reading their hidden states and logits in chunks.
+
+Sources: a local Hugging Face directory, a GGUF file (de-quantised once, then cached as
+safetensors), or a tiny random model built from a config. opd never downloads: a hub id is used
+only when it is already in the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from opd.config import LoraConfig, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available on this machine")
+    return device
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("OPD_CACHE", Path.home() / ".cache" / "opd"))
+
+
+def load_model(spec: ModelConfig, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model and tokenizer for one role, on `device`, in `spec.dtype`, LoRA applied if asked."""
+    dtype = DTYPES[spec.dtype]
+    if spec.tiny is not None:
+        from opd.tiny import build_tiny_model, build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_model(spec.tiny, tokenizer).to(dtype)
+    else:
+        directory = _resolve_directory(spec)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        # Padding is always masked out; any id works, EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    if spec.lora is not None:
+        model = apply_lora(model, spec.lora)
+    return model, tokenizer
+
+
+def _resolve_directory(spec: ModelConfig) -> str:
+    """A local directory holding HF-format weights for `spec` (converting a GGUF file if needed)."""
+    path = Path(spec.path).expanduser()
+    if spec.gguf_file is not None or path.suffix == ".gguf":
+        gguf_path = path / spec.gguf_file if spec.gguf_file else path
+        if not gguf_path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {gguf_path.resolve()}")
+        return str(convert_gguf(gguf_path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path.resolve()} is a directory but has no config.json: not a Hugging Face model")
+        return str(path)
+    # Not a local path: maybe a hub id that is already in the local cache.
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(spec.path, local_files_only=True)
+    except Exception:
+        pass
+    hf_home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    raise ModelNotFoundError(
+        f"model {spec.path!r} not found: it is not a local directory ({path.resolve()}) nor a .gguf file, "
+        f"and not in the local Hugging Face cache ({hf_home}). opd never downloads models: fetch it on a "
+        f"machine with network access (e.g. `huggingface-cli download {spec.path}`) and pass the directory."
+    )
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """De-quantise a GGUF file to a HF safetensors directory once; later loads read the cache."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError:
+        raise ImportError("loading a GGUF file needs the `gguf` package: pip install 'opd[gguf]'") from None
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # Write to a temporary sibling and rename, so an interrupted conversion never looks complete.
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    peft_config = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                 target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_config)
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    ids.discard(None)
+    return sorted(ids)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as during sampling: 0 at each row's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class LogitsHead:
+    """Splits a causal LM into "hidden states" and "hidden -> logits", so that logits can be
+    computed a chunk of positions at a time and B x T x V is never held for a whole batch."""
+
+    model: PreTrainedModel
+
+    def __post_init__(self):
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.decoder = base.get_decoder()
+        self.head = base.get_output_embeddings()
+        config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.logit_scale = getattr(config, "logit_scale", None)
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids(attention_mask), use_cache=False)
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()
+
+    @torch.no_grad()
+    def verify(self, vocab_size: int) -> None:
+        """The split must reproduce the model's own forward; a model that post-processes its
+        logits in a way we do not know is refused here rather than trained on wrong numbers."""
+        device = next(self.model.parameters()).device
+        ids = torch.arange(8, device=device).remainder(vocab_size)[None]
+        mask = torch.ones_like(ids)
+        expected = self.model(input_ids=ids, attention_mask=mask).logits.float()
+        got = self.logits(self.hidden(ids, mask))
+        tol = 1e-3 if expected.dtype == torch.float32 and next(self.model.parameters()).dtype == torch.float32 else 5e-2
+        if not torch.allclose(expected, got, atol=tol, rtol=tol):
+            raise RuntimeError(
+                f"{type(self.model).__name__}: logits computed as head(decoder(x)) differ from the model's forward "
+                f"(max abs diff {(expected - got).abs().max():.3g}); this architecture is not supported yet"
+            )

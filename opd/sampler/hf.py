@@ -1,0 +1,143 @@
+"""Student sampling with a Hugging Face model in process: a KV-cached decode loop.
+
+We run the decode loop ourselves instead of `generate()` because the estimator depends on sampling
+from exactly the distribution we record: `generate()` fills unset sampling options from the
+model's own generation config (a checkpoint shipping top_p=0.9 would silently bias the KL
+estimate). Here the sampled distribution and the behaviour log-probs come from the same logits.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from opd.config import SamplingConfig
+from opd.models import eos_token_ids, position_ids
+from opd.rollouts import Rollouts
+
+
+class BiasedSamplingWarning(UserWarning):
+    pass
+
+
+def warn_if_biased(cfg: SamplingConfig) -> None:
+    if cfg.temperature != 1.0 or cfg.top_p < 1.0 or cfg.top_k > 0:
+        warnings.warn(
+            f"sampling with temperature={cfg.temperature}, top_p={cfg.top_p}, top_k={cfg.top_k}: the student is "
+            "trained on its temperature-1 distribution, so samples from a different one bias the KL estimate "
+            "and the policy gradient. Use temperature=1, top_p=1, top_k=0 unless you mean it.",
+            BiasedSamplingWarning, stacklevel=2)
+
+
+def sampling_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Apply temperature, top-k and top-p to fp32 logits (B x V); identity by default."""
+    if cfg.temperature != 1.0:
+        logits = logits / cfg.temperature
+    if cfg.top_k > 0:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop_sorted = (probs.cumsum(-1) - probs) >= cfg.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class HFSampler:
+    def __init__(self, model, tokenizer, cfg: SamplingConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id
+        warn_if_biased(cfg)
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: list[list[int]], samples_per_prompt: int | None = None,
+               max_new_tokens: int | None = None, prompts: list | None = None) -> Rollouts:
+        """Sample `samples_per_prompt` completions for each prompt (token ids, unpadded)."""
+        cfg = self.cfg
+        group_size = samples_per_prompt or cfg.samples_per_prompt
+        max_new = max_new_tokens or cfg.max_new_tokens
+        device = next(self.model.parameters()).device
+
+        rows = [ids for ids in prompt_ids for _ in range(group_size)]
+        group_ids = torch.arange(len(prompt_ids), device=device).repeat_interleave(group_size)
+        width = max(len(ids) for ids in rows)
+        prompt_tokens = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=device)
+        prompt_mask = torch.zeros_like(prompt_tokens)
+        for i, ids in enumerate(rows):  # left padding: every completion starts at column `width`
+            prompt_tokens[i, width - len(ids):] = torch.tensor(ids, device=device)
+            prompt_mask[i, width - len(ids):] = 1
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            new_tokens, logprobs, entropy, lengths, finished = self._decode(prompt_tokens, prompt_mask, max_new)
+        finally:
+            self.model.train(was_training)
+
+        batch, steps = new_tokens.shape
+        completion_mask = (torch.arange(steps, device=device)[None] < lengths[:, None]).float()
+        pad = torch.zeros(batch, width, device=device)
+        return Rollouts(
+            tokens=torch.cat([prompt_tokens, new_tokens], 1),
+            attention_mask=torch.cat([prompt_mask, torch.ones_like(new_tokens)], 1),
+            completion_mask=torch.cat([pad, completion_mask], 1),
+            behaviour_logprobs=torch.cat([pad, logprobs * completion_mask], 1),
+            entropy=torch.cat([pad, entropy * completion_mask], 1),
+            truncated=~finished,
+            group_ids=group_ids,
+            prompt_width=width,
+            prompts=list(prompts) if prompts is not None else [],
+        )
+
+    def _decode(self, tokens, mask, max_new):
+        """New tokens, their log-probs and entropies (B x steps); each row's length, and whether
+        it ended by EOS or a stop string (rather than by running out of tokens)."""
+        batch = tokens.shape[0]
+        device = tokens.device
+        eos = torch.tensor(self.eos_ids, device=device)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        lengths = torch.full((batch,), max_new, dtype=torch.long, device=device)
+        out_tokens, out_logprobs, out_entropy = [], [], []
+
+        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=position_ids(mask),
+                         use_cache=True, logits_to_keep=1)
+        next_position = mask.sum(-1, keepdim=True)
+        for step in range(max_new):
+            logits = out.logits[:, -1].float()
+            logprobs_V = F.log_softmax(logits, -1)
+            probs = F.softmax(sampling_logits(logits, self.cfg), -1)
+            token = torch.multinomial(probs, 1).squeeze(1)
+            token = torch.where(done, torch.full_like(token, self.pad_id), token)
+            out_tokens.append(token)
+            out_logprobs.append(logprobs_V.gather(-1, token[:, None]).squeeze(1))
+            out_entropy.append(-(logprobs_V.exp() * logprobs_V).sum(-1))
+
+            ended = ~done & torch.isin(token, eos)
+            if self.cfg.stop:
+                ended |= ~done & self._hits_stop_string(torch.stack(out_tokens, 1), done)
+            lengths = torch.where(ended, step + 1, lengths)
+            done |= ended
+            if bool(done.all()) or step == max_new - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
+                             past_key_values=out.past_key_values, use_cache=True)
+            next_position = next_position + 1
+        return (torch.stack(out_tokens, 1), torch.stack(out_logprobs, 1), torch.stack(out_entropy, 1), lengths, done)
+
+    def _hits_stop_string(self, generated: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """Rows whose text ends with (or now contains) a stop string; only the tail is decoded,
+        since earlier text was checked at earlier steps."""
+        longest = max(len(s) for s in self.cfg.stop)
+        tail = generated[:, -(longest + 2):].tolist()
+        hits = [not d and any(s in self.tokenizer.decode(ids) for s in self.cfg.stop)
+                for ids, d in zip(tail, done.tolist())]
+        return torch.tensor(hits, device=generated.device)
