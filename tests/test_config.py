@@ -1,0 +1,56 @@
+import pytest
+
+from opd.config import ConfigError, load_config, parse_override
+
+BASE = ["student.tiny.hidden_size=32", "teacher.tiny.hidden_size=64"]
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, BASE + ["optim.lr=3e-4", 'sampling.stop=["\\n", "###"]', "student.lora.rank=4",
+                                    "optim.grad_clip=null"])
+    assert cfg.optim.lr == 3e-4 and cfg.sampling.stop == ["\n", "###"]
+    assert cfg.student.lora.rank == 4 and cfg.student.lora.alpha == 32.0
+    assert cfg.optim.grad_clip is None
+
+
+def test_yaml_file_and_overrides_merge(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("student:\n  tiny: {hidden_size: 16}\nteacher:\n  path: /models/t\noptim:\n  lr: 0.01\n")
+    cfg = load_config(path, ["optim.warmup_steps=0", "student.tiny.seed=3"])
+    assert cfg.student.tiny.hidden_size == 16 and cfg.student.tiny.seed == 3
+    assert cfg.optim.lr == 0.01 and cfg.optim.warmup_steps == 0 and cfg.teacher.path == "/models/t"
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"optim\.lrr: unknown key \(did you mean 'optim\.lr'\?\)"):
+        load_config(None, BASE + ["optim.lrr=1e-3"])
+
+
+def test_bad_value_is_named():
+    with pytest.raises(ConfigError, match=r"sampling\.samples_per_prompt: .*greater than or equal to 1.*got 0"):
+        load_config(None, BASE + ["sampling.samples_per_prompt=0"])
+    with pytest.raises(ConfigError, match=r"loss\.kind: Input should be 'sampled_reverse_kl'"):
+        load_config(None, BASE + ["loss.kind=kl"])
+
+
+def test_model_needs_exactly_one_source():
+    with pytest.raises(ConfigError, match="teacher: Field required"):
+        load_config(None, ["student.tiny.hidden_size=32"])
+    with pytest.raises(ConfigError, match="teacher: .*exactly one of `path`"):
+        load_config(None, ["student.tiny.hidden_size=32", "teacher.dtype=bfloat16"])
+    with pytest.raises(ConfigError, match="teacher: .*exactly one of `path`"):
+        load_config(None, ["student.tiny.hidden_size=32", "teacher.path=/m", "teacher.tiny.seed=1"])
+    with pytest.raises(ConfigError, match="teacher.lora: the teacher is fixed"):
+        load_config(None, BASE + ["teacher.lora.rank=4"])
+
+
+def test_malformed_overrides():
+    with pytest.raises(ConfigError, match="not of the form"):
+        parse_override("optim.lr")
+    with pytest.raises(ConfigError, match="empty key"):
+        parse_override("optim..lr=1")
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")

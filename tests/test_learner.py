@@ -1,0 +1,74 @@
+"""The optimizer step does not depend on how the batch is cut into micro-batches."""
+
+import copy
+
+import pytest
+import torch
+
+from helpers import chat_ids, sampler, tiny
+from opd.advantages import compute_advantages
+from opd.config import LossConfig, OptimConfig
+from opd.learner.learner import Learner, lr_multiplier
+from opd.teacher.hf import HFTeacher
+
+PROMPTS = ["Describe the garden in a few words.", "Hi", "Write one sentence about the sea.", "Give three facts."]
+
+
+@pytest.fixture(scope="module")
+def batch():
+    student, tok = tiny(hidden=32, seed=1)
+    teacher_model, _ = tiny(hidden=48, seed=5, init_std=0.2)
+    torch.manual_seed(0)
+    rollouts = sampler(student, tok, samples_per_prompt=3, max_new_tokens=12).sample(chat_ids(tok, PROMPTS))
+    teacher = HFTeacher(teacher_model, tok, chunk_size=5)
+    scores = teacher.score(rollouts, keep_hidden=True)
+    advantages = compute_advantages(rollouts.completion_mask, rollouts.behaviour_logprobs, scores.logprobs)
+    return student, teacher, rollouts, scores, advantages
+
+
+@pytest.mark.parametrize("kind", ["sampled_reverse_kl", "reverse_kl", "jsd"])
+def test_one_and_four_micro_batches_give_the_same_loss_and_update(batch, kind):
+    student, teacher, rollouts, scores, advantages = batch
+    results = []
+    for micro in (12, 3, 5):  # 1 micro-batch, 4 micro-batches, uneven ones
+        model = copy.deepcopy(student)
+        learner = Learner(model, OptimConfig(lr=1e-2, warmup_steps=0, grad_clip=None), LossConfig(kind=kind, chunk_size=4),
+                          total_steps=10, micro_batch_size=micro)
+        metrics = learner.train_step(rollouts, advantages, scores.hidden, teacher.head)
+        grads = [p.grad.clone() for p in model.parameters()]  # the accumulated gradient of the step
+        results.append((metrics, grads, [p.detach().clone() for p in model.parameters()]))
+    (m_full, g_full, p_full), *others = results
+    for metrics, grads, params in others:
+        assert metrics["loss"] == pytest.approx(m_full["loss"], rel=1e-5)
+        assert metrics["grad_norm"] == pytest.approx(m_full["grad_norm"], rel=1e-5)
+        for a, b in zip(g_full, grads):
+            torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+        for a, b in zip(p_full, params):  # Adam's first step is ~lr*sign(g): rounding on tiny g shows here
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert any(not torch.equal(a, b) for a, b in zip(p_full, student.parameters()))  # it did move
+
+
+def test_sampled_loss_value_is_the_mean_teacher_kl_on_policy(batch):
+    student, teacher, rollouts, scores, advantages = batch
+    learner = Learner(copy.deepcopy(student), OptimConfig(warmup_steps=0), LossConfig(), 10, 4)
+    metrics = learner.train_step(rollouts, advantages)
+    k = (rollouts.behaviour_logprobs - scores.logprobs) * rollouts.completion_mask
+    # ratio = 1 on policy, so L = -(1/N) sum A = (1/N) sum k
+    assert metrics["loss"] == pytest.approx(float(k.sum() / rollouts.completion_mask.sum()), rel=1e-4)
+    assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_exact_loss_without_teacher_states_is_refused(batch):
+    student, _, rollouts, _, advantages = batch
+    learner = Learner(copy.deepcopy(student), OptimConfig(), LossConfig(kind="forward_kl"), 10, 4)
+    with pytest.raises(ValueError, match="needs the teacher's hidden states"):
+        learner.train_step(rollouts, advantages)
+
+
+def test_learning_rate_schedules():
+    constant = [lr_multiplier(s, 4, 20, "constant", 0.0) for s in range(20)]
+    assert constant[:5] == [0.25, 0.5, 0.75, 1.0, 1.0] and constant[-1] == 1.0
+    cosine = [lr_multiplier(s, 4, 20, "cosine", 0.1) for s in range(21)]
+    assert cosine[3] == 1.0 and cosine[4] == pytest.approx(1.0) and cosine[12] == pytest.approx(0.55)
+    assert cosine[20] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(cosine[4:], cosine[5:]))
