@@ -235,9 +235,12 @@ def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
         return save_checkpoint(run_dir, step, learner.model, tokenizer, state, cfg.checkpoint.keep_last)
 
     schedule = PromptSchedule(len(components.train_prompts), cfg.train.prompts_per_step, cfg.train.seed)
-    first_eval = evaluate(components, cfg) if start_step == 0 else {}
-    if first_eval:
-        log.log(0, first_eval)
+    if start_step == 0:
+        first_eval = evaluate(components, cfg)
+        if first_eval:
+            log.log(0, first_eval)
+    else:
+        first_eval = log.logged_row(0)
     last_metrics: dict = {}
     last_eval: dict = first_eval
     interrupted = False

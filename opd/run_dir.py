@@ -70,6 +70,14 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log(row, step=step)
 
+    def logged_row(self, step: int) -> dict:
+        """The metrics already logged for `step` (e.g. the evaluation before training, on resume)."""
+        for line in self.metrics_path.read_text().splitlines():
+            row = json.loads(line)
+            if row["step"] == step:
+                return {k: v for k, v in row.items() if k != "step"}
+        return {}
+
     def write_rollouts(self, step: int, records: list[dict]) -> Path:
         folder = self.path / "rollouts"
         folder.mkdir(exist_ok=True)

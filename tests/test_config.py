@@ -54,3 +54,10 @@ def test_malformed_overrides():
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_example_config_is_valid():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "example.yaml")
+    assert cfg.student.lora.rank == 32 and cfg.loss.kind == "sampled_reverse_kl"

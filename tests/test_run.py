@@ -42,6 +42,7 @@ def test_resume_is_bit_identical(tiny_config, tmp_path, lora):
     assert first["interrupted"] and first["steps_done"] == 3
     second = train(tiny_config(*extra, run_dir=split), resume=True)
     assert second["steps_done"] == 6 and not second["interrupted"]
+    assert second["start_eval"] == first["start_eval"] and "eval/teacher_kl" in first["start_eval"]
 
     a, b = final_weights(straight, 6, lora), final_weights(split, 6, lora)
     assert a.keys() == b.keys() and a

@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from opd.config import ConfigError, load_config
@@ -21,6 +22,12 @@ from opd.config import ConfigError, load_config
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="On-policy distillation of language models.")
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)  # an error message is never broken across lines
+
+
+def _fail(err: Exception) -> typer.Exit:
+    errors.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
+    return typer.Exit(2)
 
 
 def _user_errors():
@@ -40,8 +47,7 @@ def _run(cfg, resume: bool) -> dict:
     try:
         return train(cfg, resume=resume, console=console)
     except _user_errors() as err:
-        console.print(f"[bold red]error:[/bold red] {err}")
-        raise typer.Exit(2)
+        raise _fail(err)
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -54,8 +60,7 @@ def distill(
     try:
         cfg = load_config(config, overrides or [])
     except ConfigError as err:
-        console.print(f"[bold red]error:[/bold red] {err}")
-        raise typer.Exit(2)
+        raise _fail(err)
     summary = _run(cfg, resume)
     _print_summary(summary)
 
@@ -71,8 +76,11 @@ def demo(
 
     if run_dir.exists():  # the demo always starts afresh
         shutil.rmtree(run_dir)
-    cfg = load_config(None, [f"run_dir={run_dir}", *(QUICK_OVERRIDES if quick else []), *(overrides or [])],
-                      base=DEMO_CONFIG)
+    try:
+        cfg = load_config(None, [f"run_dir={run_dir}", *(QUICK_OVERRIDES if quick else []), *(overrides or [])],
+                          base=DEMO_CONFIG)
+    except ConfigError as err:
+        raise _fail(err)
     console.print("[bold]opd demo[/bold]: building a tiny teacher and student (cached after the first run), "
                   "then distilling on-policy")
     summary = _run(cfg, resume=False)
