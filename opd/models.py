@@ -97,7 +97,18 @@ def convert_gguf(gguf_path: Path) -> Path:
         import gguf  # noqa: F401  (transformers needs it to read the file)
     except ImportError:
         raise ImportError("loading a GGUF file needs the `gguf` package: pip install 'opd[gguf]'") from None
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    # Ask for dense weights: we train them. transformers >= 5 otherwise keeps GGUF blocks when it has
+    # kernels for them, and marks even de-quantised models as GGUF-quantized (not serializable).
+    try:
+        from transformers import GgufConfig
+
+        dense = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # transformers 4.x always de-quantises
+        dense = {}
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                 dtype=torch.float32, **dense)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     # Write to a temporary sibling and rename, so an interrupted conversion never looks complete.
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
