@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from opd.advantages import compute_advantages, teacher_kl
-from opd.config import RunConfig
+from opd.config import ConfigError, RunConfig
 from opd.data import Prompt, PromptSchedule, encode_prompts, read_records
 from opd.learner.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, rng_state,
                                     save_checkpoint, set_rng_state)
@@ -45,6 +45,7 @@ class Components:
     train_prompts: list[Prompt]
     eval_prompts: list[Prompt]
     skipped_prompts: int
+    same_output_size: bool = True  # exact divergences need it
 
 
 def build(cfg: RunConfig, console: Console | None = None) -> Components:
@@ -63,8 +64,16 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
     # Both splits must reproduce the models' own forward before we trust them with gradients.
     learner.head.verify(len(tokenizer))
     teacher.head.verify(len(tokenizer))
+    # Same tokenizer, but output heads can be padded to different sizes (Qwen2.5 0.5B vs 7B): the
+    # sampled loss only reads the sampled token's log-prob, the exact ones compare whole distributions.
+    sizes = (learner.head.head.weight.shape[0], teacher.head.head.weight.shape[0])
+    if sizes[0] != sizes[1] and learner.exact:
+        raise ConfigError(f"loss.kind={cfg.loss.kind} compares full distributions, but the student has {sizes[0]} "
+                          f"output logits and the teacher {sizes[1]} (padding rows differ); use "
+                          f"loss.kind=sampled_reverse_kl for this pair")
     sampler = HFSampler(student, tokenizer, cfg.sampling)  # shares the learner's weights: no sync needed
-    return Components(sampler, teacher, learner, tokenizer, train_prompts, eval_prompts, skipped)
+    return Components(sampler, teacher, learner, tokenizer, train_prompts, eval_prompts, skipped,
+                      same_output_size=sizes[0] == sizes[1])
 
 
 def load_prompts(cfg: RunConfig, tokenizer) -> tuple[list[Prompt], list[Prompt], int]:
@@ -134,7 +143,8 @@ def evaluate(components: Components, cfg: RunConfig) -> dict:
         rollouts = components.sampler.sample([p.ids for p in prompts], cfg.eval.samples_per_prompt, prompts=prompts)
     scores = components.teacher.score(rollouts, keep_hidden=True)
     metrics = rollout_metrics(rollouts, scores.logprobs)
-    metrics["exact_kl"] = exact_reverse_kl(components, rollouts, scores.hidden, cfg.loss.chunk_size)
+    if components.same_output_size:
+        metrics["exact_kl"] = exact_reverse_kl(components, rollouts, scores.hidden, cfg.loss.chunk_size)
     components.learner.model.train(was_training)
     return {f"eval/{k}": v for k, v in metrics.items()}
 
@@ -270,7 +280,7 @@ def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
             totals["wall_s_total"] += t3 - t0
             metrics.update(sample_s=t1 - t0, score_s=t2 - t1, train_s=t3 - t2, **totals)
 
-            if cfg.eval.every and step % cfg.eval.every == 0 or step == cfg.train.steps:
+            if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
                 last_eval = evaluate(components, cfg)
                 metrics.update(last_eval)
             log.log(step, metrics)

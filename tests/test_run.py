@@ -156,3 +156,24 @@ def load_config_from(run_dir, *overrides):
     from opd.config import load_config
 
     return load_config(run_dir / "config.yaml", list(overrides))
+
+
+def test_output_heads_of_different_sizes(tiny_config, tmp_path, monkeypatch):
+    """Same tokenizer, padded heads of different sizes: the sampled loss trains (eval without exact
+    KL), the exact losses are refused before training with a message saying why."""
+    import opd.loop
+    from opd.config import ConfigError
+
+    original = opd.loop.load_model
+
+    def padded_teacher(spec, device):
+        model, tok = original(spec, device)
+        if spec.tiny is not None and spec.tiny.hidden_size == 64:
+            model.resize_token_embeddings(len(tok) + 16)
+        return model, tok
+
+    monkeypatch.setattr(opd.loop, "load_model", padded_teacher)
+    summary = train(tiny_config("train.steps=2", run_dir=tmp_path / "a"))
+    assert "eval/teacher_kl" in summary["last_eval"] and "eval/exact_kl" not in summary["last_eval"]
+    with pytest.raises(ConfigError, match="student has 384 output logits and the teacher 400"):
+        train(tiny_config("train.steps=2", "loss.kind=reverse_kl", run_dir=tmp_path / "b"))
