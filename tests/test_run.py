@@ -177,3 +177,12 @@ def test_output_heads_of_different_sizes(tiny_config, tmp_path, monkeypatch):
     assert "eval/teacher_kl" in summary["last_eval"] and "eval/exact_kl" not in summary["last_eval"]
     with pytest.raises(ConfigError, match="student has 384 output logits and the teacher 400"):
         train(tiny_config("train.steps=2", "loss.kind=reverse_kl", run_dir=tmp_path / "b"))
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "jsd"])
+def test_exact_losses_train_through_the_loop(tiny_config, tmp_path, kind):
+    summary = train(tiny_config("student.tiny.pretrain_steps=40", "train.steps=8", "optim.lr=3e-3",
+                                f"loss.kind={kind}", "eval.every=4", run_dir=tmp_path / "run"))
+    rows = metrics(tmp_path / "run")
+    assert all(f"exact_{kind}" in r for r in rows[1:])
+    assert summary["last_eval"]["eval/exact_kl"] < summary["start_eval"]["eval/exact_kl"]
