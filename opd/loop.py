@@ -207,6 +207,18 @@ class StopRequest:
 # The loop
 
 
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dumps."""
+    keys = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(prefix + key)
+    return keys
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -232,6 +244,10 @@ def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} to resume from")
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
+        changed = config_differences(state["config"], cfg.model_dump(mode="json"))
+        if changed:
+            console.print(f"[yellow]resuming with a config that differs from the checkpoint's in: {', '.join(changed)}"
+                          f" (the continuation is then not the run the checkpoint started)[/yellow]")
         load_weights(learner.model, checkpoint / "model")
         learner.load_state_dict(state["learner"])
         set_rng_state(state["rng"])
@@ -246,13 +262,13 @@ def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
 
     schedule = PromptSchedule(len(components.train_prompts), cfg.train.prompts_per_step, cfg.train.seed)
     if start_step == 0:
-        first_eval = evaluate(components, cfg)
+        first_eval = last_eval = evaluate(components, cfg)
         if first_eval:
             log.log(0, first_eval)
     else:
-        first_eval = log.logged_row(0)
+        evals = log.logged_evals() or [{}]
+        first_eval, last_eval = evals[0], evals[-1]
     last_metrics: dict = {}
-    last_eval: dict = first_eval
     interrupted = False
     step = start_step
 

@@ -70,13 +70,11 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log(row, step=step)
 
-    def logged_row(self, step: int) -> dict:
-        """The metrics already logged for `step` (e.g. the evaluation before training, on resume)."""
-        for line in self.metrics_path.read_text().splitlines():
-            row = json.loads(line)
-            if row["step"] == step:
-                return {k: v for k, v in row.items() if k != "step"}
-        return {}
+    def logged_evals(self) -> list[dict]:
+        """The evaluations already in metrics.jsonl, oldest first (for the summary of a resumed run)."""
+        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k.startswith("eval/")} for r in rows
+                if any(k.startswith("eval/") for k in r)]
 
     def write_rollouts(self, step: int, records: list[dict]) -> Path:
         folder = self.path / "rollouts"

@@ -43,6 +43,7 @@ def test_resume_is_bit_identical(tiny_config, tmp_path, lora):
     second = train(tiny_config(*extra, run_dir=split), resume=True)
     assert second["steps_done"] == 6 and not second["interrupted"]
     assert second["start_eval"] == first["start_eval"] and "eval/teacher_kl" in first["start_eval"]
+    assert first["last_eval"] == {k: v for k, v in metrics(split)[2].items() if k.startswith("eval/")}
 
     a, b = final_weights(straight, 6, lora), final_weights(split, 6, lora)
     assert a.keys() == b.keys() and a
@@ -186,3 +187,15 @@ def test_exact_losses_train_through_the_loop(tiny_config, tmp_path, kind):
     rows = metrics(tmp_path / "run")
     assert all(f"exact_{kind}" in r for r in rows[1:])
     assert summary["last_eval"]["eval/exact_kl"] < summary["start_eval"]["eval/exact_kl"]
+
+
+def test_resuming_with_a_changed_config_names_the_keys(tiny_config, tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    train(tiny_config("train.steps=2", run_dir=tmp_path / "run"), stop_after=1)
+    out = StringIO()
+    train(tiny_config("train.steps=2", "optim.lr=1e-2", run_dir=tmp_path / "run"), resume=True,
+          console=Console(file=out, width=200))
+    assert "differs from the checkpoint's in: optim.lr" in out.getvalue()
