@@ -91,6 +91,8 @@ def encode_prompts(records: list[tuple[str, dict]], tokenizer, max_tokens: int,
     prompts, skipped = [], 0
     for where, record in records:
         ids = encode_prompt(where, record, tokenizer)
+        if not ids:
+            raise PromptDataError(f"{where}: the prompt is empty (no tokens)")
         if len(ids) > max_tokens:
             if overlong == "skip":
                 skipped += 1

@@ -35,6 +35,9 @@ def test_record_without_prompt_names_line_and_keys(tmp_path, tok):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"question": "b"}])
     with pytest.raises(PromptDataError, match=r"p\.jsonl:2: a record needs .*found keys: \['question'\]"):
         encode_prompts(read_records(path), tok, 64)
+    path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "a"}, {"prompt": ""}])
+    with pytest.raises(PromptDataError, match=r"e\.jsonl:2: the prompt is empty"):
+        encode_prompts(read_records(path), tok, 64)
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user"}]}])
     with pytest.raises(PromptDataError, match=r"m\.jsonl:1: messages\[0\] must be an object with string"):
         encode_prompts(read_records(path), tok, 64)
