@@ -31,10 +31,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from opd.config import load_config
+from opd.config import ModelConfig, load_config
 from opd.loop import train
 from opd.models import cache_root, convert_gguf, load_model, packaged_gguf, pick_device
-from opd.config import ModelConfig
 
 
 def tiny(hidden: int, layers: int, seed: int) -> dict:

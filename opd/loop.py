@@ -45,7 +45,12 @@ class Components:
     train_prompts: list[Prompt]
     eval_prompts: list[Prompt]
     skipped_prompts: int
-    same_output_size: bool = True  # exact divergences need it
+
+    @property
+    def same_output_size(self) -> bool:
+        """Same tokenizer, but heads may be padded to different sizes (Qwen2.5 0.5B vs 7B): the
+        sampled loss only reads the sampled token's log-prob, exact divergences need equal sizes."""
+        return self.learner.head.head.weight.shape[0] == self.teacher.head.head.weight.shape[0]
 
 
 def build(cfg: RunConfig, console: Console | None = None) -> Components:
@@ -64,16 +69,14 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
     # Both splits must reproduce the models' own forward before we trust them with gradients.
     learner.head.verify(len(tokenizer))
     teacher.head.verify(len(tokenizer))
-    # Same tokenizer, but output heads can be padded to different sizes (Qwen2.5 0.5B vs 7B): the
-    # sampled loss only reads the sampled token's log-prob, the exact ones compare whole distributions.
-    sizes = (learner.head.head.weight.shape[0], teacher.head.head.weight.shape[0])
-    if sizes[0] != sizes[1] and learner.exact:
-        raise ConfigError(f"loss.kind={cfg.loss.kind} compares full distributions, but the student has {sizes[0]} "
-                          f"output logits and the teacher {sizes[1]} (padding rows differ); use "
-                          f"loss.kind=sampled_reverse_kl for this pair")
     sampler = HFSampler(student, tokenizer, cfg.sampling)  # shares the learner's weights: no sync needed
-    return Components(sampler, teacher, learner, tokenizer, train_prompts, eval_prompts, skipped,
-                      same_output_size=sizes[0] == sizes[1])
+    components = Components(sampler, teacher, learner, tokenizer, train_prompts, eval_prompts, skipped)
+    if learner.exact and not components.same_output_size:
+        raise ConfigError(f"loss.kind={cfg.loss.kind} compares full distributions, but the student has "
+                          f"{learner.head.head.weight.shape[0]} output logits and the teacher "
+                          f"{teacher.head.head.weight.shape[0]} (padding rows differ); use "
+                          f"loss.kind=sampled_reverse_kl for this pair")
+    return components
 
 
 def load_prompts(cfg: RunConfig, tokenizer) -> tuple[list[Prompt], list[Prompt], int]:
@@ -119,13 +122,10 @@ def exact_reverse_kl(components: Components, rollouts: Rollouts, teacher_hidden:
                      chunk_size: int) -> float:
     """Full-vocabulary KL(student || teacher) averaged over the sampled completion positions."""
     head, total = components.learner.head, 0.0
-    micro = components.learner.micro_batch_size
-    for start in range(0, rollouts.batch_size, micro):
-        rows = slice(start, start + micro)
-        selected = rollouts.completion_mask[rows, 1:].bool()
-        hidden = head.hidden(rollouts.tokens[rows], rollouts.attention_mask[rows])[:, :-1][selected]
-        kl = token_divergence("reverse_kl", head.logits, hidden, components.teacher.head.logits,
-                              teacher_hidden[rows, :-1][selected], chunk_size=chunk_size)
+    for rows, micro in rollouts.micro_batches(components.learner.micro_batch_size):
+        _, states_M_H = head.completion_states(micro)
+        kl = token_divergence("reverse_kl", head.logits, states_M_H, components.teacher.head.logits,
+                              teacher_hidden[rows, :-1][micro.predicts_completion], chunk_size=chunk_size)
         total += float(kl.sum())
     return total / max(float(rollouts.completion_mask.sum()), 1.0)
 

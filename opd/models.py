@@ -183,6 +183,12 @@ class LogitsHead:
                            position_ids=position_ids(attention_mask), use_cache=False)
         return out.last_hidden_state
 
+    def completion_states(self, rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states of all positions (B x T x H) and, flattened, of the positions that
+        predict a completion token (M x H, in the order of `rollouts.predicts_completion`)."""
+        hidden = self.hidden(rollouts.tokens, rollouts.attention_mask)
+        return hidden, hidden[:, :-1][rollouts.predicts_completion]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden)
         if self.logit_scale is not None:

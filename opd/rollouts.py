@@ -9,6 +9,7 @@ with `tokens`: the value at t is about token t, predicted from tokens < t, and i
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Iterator
 
 import torch
 
@@ -32,6 +33,18 @@ class Rollouts:
     @property
     def completion_lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)
+
+    @property
+    def predicts_completion(self) -> torch.Tensor:
+        """B x (T-1) bool: the positions whose state predicts a completion token (state t-1
+        predicts token t), i.e. where logits are needed."""
+        return self.completion_mask[:, 1:].bool()
+
+    def micro_batches(self, size: int) -> Iterator[tuple[slice, "Rollouts"]]:
+        """(row slice, rows) for consecutive micro-batches of `size` rows."""
+        for start in range(0, self.batch_size, size):
+            rows = slice(start, start + size)
+            yield rows, self.rows(rows)
 
     def rows(self, index: slice) -> "Rollouts":
         """A micro-batch of rows (prompts are shared, group ids keep pointing into them)."""

@@ -56,12 +56,9 @@ class Learner:
         num_tokens = rollouts.completion_mask.sum().clamp(min=1)
         total_loss = 0.0
         ratio_sum = clipped = divergence_sum = 0.0
-        for start in range(0, rollouts.batch_size, self.micro_batch_size):
-            rows = slice(start, start + self.micro_batch_size)
-            micro = rollouts.rows(rows)
-            hidden = self.head.hidden(micro.tokens, micro.attention_mask)
-            selected = micro.completion_mask[:, 1:].bool()  # state t-1 predicts token t
-            hidden_M_H = hidden[:, :-1][selected]
+        for rows, micro in rollouts.micro_batches(self.micro_batch_size):
+            _, hidden_M_H = self.head.completion_states(micro)
+            selected = micro.predicts_completion
             if self.exact:
                 div_M = token_divergence(self.loss_cfg.kind, self.head.logits, hidden_M_H, teacher_head.logits,
                                          teacher_hidden[rows, :-1][selected], self.loss_cfg.jsd_beta,

@@ -36,14 +36,10 @@ class HFTeacher:
     def score(self, rollouts: Rollouts, keep_hidden: bool = False) -> TeacherScores:
         logprobs = torch.zeros_like(rollouts.completion_mask)
         hidden_parts = []
-        for start in range(0, rollouts.batch_size, self.micro_batch_size):
-            rows = slice(start, start + self.micro_batch_size)
-            tokens = rollouts.tokens[rows]
-            hidden = self.head.hidden(tokens, rollouts.attention_mask[rows])
-            # the state at position t-1 predicts token t
-            selected = rollouts.completion_mask[rows, 1:].bool()
-            scores = token_logprobs(self.head.logits, hidden[:, :-1][selected], tokens[:, 1:][selected],
-                                    self.chunk_size)
+        for rows, micro in rollouts.micro_batches(self.micro_batch_size):
+            hidden, states_M_H = self.head.completion_states(micro)
+            selected = micro.predicts_completion
+            scores = token_logprobs(self.head.logits, states_M_H, micro.tokens[:, 1:][selected], self.chunk_size)
             logprobs[rows, 1:][selected] = scores
             if keep_hidden:
                 hidden_parts.append(hidden)
