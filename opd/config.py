@@ -66,11 +66,65 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    prompts: str | None = None  # JSONL / Parquet / any `datasets`-loadable local file; None: built-in demo prompts
-    eval_prompts: str | None = None  # None: hold out `eval_holdout` prompts from `prompts`
+    # distill / rl: prompts to sample from. JSONL / Parquet / any `datasets`-loadable local file;
+    # None: the task's generated prompts (task.name), else the built-in demo prompts.
+    prompts: str | None = None
+    eval_prompts: str | None = None  # None: the task's eval split, else `eval_holdout` prompts held out from `prompts`
     eval_holdout: int = Field(32, ge=0)
     max_prompt_tokens: int = Field(512, ge=1)
     overlong: Literal["skip", "truncate"] = "skip"  # truncate keeps the end of the prompt
+    # Grader for records that name none themselves (a `task` or `grader` field):
+    # exact | numeric | regex | math | module:function. Used for RL rewards and accuracy.
+    grader: str | None = None
+    # sft: examples with a prompt and a completion (`messages` ending in an assistant turn, or
+    # `prompt` + `completion`), e.g. written by `opd sample`; None: the task's reference solutions.
+    completions: str | None = None
+    # midtrain: plain documents (.txt files, a folder of them, or JSONL with `text`); None: the
+    # knowledge-base task's documents.
+    documents: str | None = None
+    chat: str | None = None  # midtrain: chat examples mixed in (as for `completions`); None: none
+    chat_ratio: float = Field(0.0, ge=0, le=1)  # midtrain: fraction of each batch's rows taken from `chat`
+    max_seq_tokens: int = Field(512, ge=8)  # sft/midtrain: longer examples are cut; documents are packed to this length
+
+
+class ArithmeticTaskConfig(Section):
+    """Synthetic arithmetic: `operations` operators applied left to right to operands of up to
+    `digits` digits, answered step by step ("12 + 7 = 19. 19 - 4 = 15. The answer is 15.")."""
+
+    digits: int = Field(1, ge=1, le=6)
+    operations: int = Field(1, ge=1, le=6)
+    operators: str = Field("+-", pattern=r"^[+\-*]+$")  # any of + - *
+
+
+class KnowledgeTaskConfig(Section):
+    """A fictional company (people, rooms, projects, dates): documents for mid-training and
+    question/answer pairs for evaluation, generated from `seed`."""
+
+    people: int = Field(24, ge=2, le=500)
+    seed: int = 0  # which company: names, rooms and projects are drawn from it
+    paraphrases: int = Field(3, ge=1, le=6)  # how many differently worded documents state each fact
+    eval_fraction: float = Field(0.5, gt=0, lt=1)  # facts whose questions are held out for evaluation
+    faq: bool = True  # also an FAQ page per person: every fact as a question and its answer
+
+
+class InstructionTaskConfig(Section):
+    """Generic chat prompts with verifiable instructions in the spirit of IFEval."""
+
+    checks_per_prompt: int = Field(1, ge=1, le=3)
+    checks: list[str] | None = None  # restrict to these checks; None: all of them
+
+
+class TaskConfig(Section):
+    """A built-in task that generates prompts (with reference answers and a grader) for training
+    and evaluation. `none`: prompts come from data files."""
+
+    name: Literal["none", "arithmetic", "knowledge", "instruction"] = "none"
+    train_size: int = Field(2000, ge=1)
+    eval_size: int = Field(100, ge=1)
+    seed: int = 0  # train and eval prompts are drawn from separate streams of this seed: they never overlap
+    arithmetic: ArithmeticTaskConfig = Field(default_factory=ArithmeticTaskConfig)
+    knowledge: KnowledgeTaskConfig = Field(default_factory=KnowledgeTaskConfig)
+    instruction: InstructionTaskConfig = Field(default_factory=InstructionTaskConfig)
 
 
 class SamplingConfig(Section):
@@ -113,10 +167,21 @@ class TrainConfig(Section):
     device: str = "auto"  # auto: cuda when present, else cpu
 
 
+class RLConfig(Section):
+    """`opd rl`: rewards from a grader, centred within each group of samples of one prompt."""
+
+    divide_by_std: bool = False  # also divide by the group's reward std (GRPO); off: Dr. GRPO-style centring only
+
+
 class EvalConfig(Section):
     every: int = Field(0, ge=0)  # 0: only at the start and the end
-    samples_per_prompt: int = Field(1, ge=1)
+    samples_per_prompt: int = Field(1, ge=1)  # k: accuracy is pass@1 averaged over k samples per prompt
+    greedy: bool = False  # argmax decoding (then k=1 and no teacher KL: KL needs the student's own samples)
+    max_new_tokens: int | None = Field(None, ge=1)  # None: sampling.max_new_tokens
     seed: int = 1234  # eval samples are drawn from their own seed: they do not perturb training
+    # Built-in tasks evaluated besides the run's own eval prompts, logged as eval/<task>/...
+    # (e.g. [knowledge, instruction] to watch knowledge and behaviour during mid-training).
+    tasks: list[Literal["arithmetic", "knowledge", "instruction"]] = Field(default_factory=list)
 
 
 class LogConfig(Section):
@@ -133,24 +198,50 @@ class CheckpointConfig(Section):
     keep_last: int = Field(2, ge=1)
 
 
+METHODS = ("distill", "rl", "sft", "midtrain")
+
+
 class RunConfig(Section):
+    # distill: on-policy distillation; rl: rewards from a grader (+ teacher KL if a teacher is given);
+    # sft: cross-entropy on given completions; midtrain: next-token training on documents (+ chat).
+    method: Literal["distill", "rl", "sft", "midtrain"] = "distill"
     run_dir: str = "runs/default"
     student: ModelConfig
-    teacher: ModelConfig
+    teacher: ModelConfig | None = None  # required for distill; optional for rl (KL term) and sft/midtrain (eval KL)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
-        if self.teacher.lora is not None:
+        if self.teacher is not None and self.teacher.lora is not None:
             raise ValueError("teacher.lora: the teacher is fixed; LoRA applies to the student only")
+        if self.method == "distill" and self.teacher is None:
+            raise ValueError("method=distill needs a `teacher` (a model to distil from)")
+        if self.method == "rl" and self.loss.kind != "sampled_reverse_kl":
+            raise ValueError(f"loss.kind={self.loss.kind}: rl trains with the sampled policy gradient; the teacher "
+                             f"KL term (teacher + loss.kl_coef) is the sampled estimate")
+        if self.method in ("sft", "midtrain") and self.loss.kind != "sampled_reverse_kl":
+            raise ValueError(f"loss.kind: {self.method} always trains with cross-entropy on the given tokens; "
+                             f"loss.kind={self.loss.kind} does not apply")
+        if self.data.chat_ratio > 0 and self.method != "midtrain":
+            raise ValueError("data.chat_ratio: mixing chat data applies to method=midtrain only")
+        if self.task.name != "none" and self.data.prompts is not None:
+            raise ValueError(f"task.name={self.task.name} generates the prompts, and data.prompts gives a file: "
+                             f"choose one")
         return self
+
+    @property
+    def on_policy(self) -> bool:
+        """distill and rl sample from the student; sft and midtrain read fixed token sequences."""
+        return self.method in ("distill", "rl")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -117,3 +117,163 @@ class PromptSchedule:
     def indices(self, step: int) -> list[int]:
         positions = range(step * self.per_step, (step + 1) * self.per_step)
         return [int(self._permutation(p // self.num_prompts)[p % self.num_prompts]) for p in positions]
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed token sequences: SFT examples (prompt + completion) and mid-training documents
+
+
+@dataclass
+class Example:
+    """A prompt and the completion to learn (loss on the completion only)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    record: dict = field(default_factory=dict)
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt_ids + self.completion_ids
+
+
+def _completion_of(where: str, record: dict) -> tuple[dict, str]:
+    """(the record's prompt part, the completion text): `completion` next to `prompt`/`messages`,
+    or `messages` whose last turn is the assistant's."""
+    if not isinstance(record, dict):
+        raise PromptDataError(f"{where}: each record must be a JSON object, got {type(record).__name__}")
+    if isinstance(record.get("completion"), str):
+        return record, record["completion"]
+    messages = record.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") == "assistant":
+        _check_messages(where, messages)
+        if len(messages) < 2:
+            raise PromptDataError(f"{where}: `messages` holds only the assistant turn; there is no prompt")
+        return {**record, "messages": messages[:-1]}, messages[-1]["content"]
+    raise PromptDataError(f"{where}: an SFT example needs a `completion` string (next to `prompt` or `messages`) "
+                          f"or `messages` ending with an assistant turn (found keys: {sorted(record)})")
+
+
+def encode_examples(records: list[tuple[str, dict]], tokenizer, max_tokens: int) -> tuple[list[Example], int]:
+    """SFT examples and how many were skipped because their prompt alone fills `max_tokens`.
+
+    The completion is tokenized on its own and ends with EOS, exactly as the sampler would have
+    produced it; an example longer than `max_tokens` keeps its prompt and loses the completion's end.
+    """
+    examples, skipped = [], 0
+    for where, record in records:
+        prompt_record, text = _completion_of(where, record)
+        prompt_ids = encode_prompt(where, prompt_record, tokenizer)
+        completion_ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+        if not record.get("truncated"):  # a sample cut at max_new_tokens did not end: do not teach it to stop
+            completion_ids.append(tokenizer.eos_token_id)
+        if len(prompt_ids) >= max_tokens:
+            skipped += 1
+            continue
+        examples.append(Example(prompt_ids, completion_ids[:max_tokens - len(prompt_ids)], record))
+    return examples, skipped
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """Plain documents: a .txt/.md file (one document), a folder of them (sorted by name), or
+    JSONL records with a `text` field."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".txt", ".md") and p.is_file())
+        if not files:
+            raise PromptDataError(f"{path.resolve()}: no .txt or .md documents in this folder")
+        return [f.read_text(encoding="utf-8") for f in files]
+    if not path.is_file():
+        raise PromptDataError(f"documents not found: {path.resolve()}")
+    if path.suffix.lower() in (".txt", ".md"):
+        return [path.read_text(encoding="utf-8")]
+    texts = []
+    for where, record in read_records(path):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise PromptDataError(f"{where}: a document record needs a `text` string (found: {keys})")
+        texts.append(record["text"])
+    return texts
+
+
+def pack_documents(texts: list[str], tokenizer, seq_tokens: int) -> list[list[int]]:
+    """Concatenate the documents (each followed by EOS) and cut the stream into rows of
+    `seq_tokens`: no padding at all, as in pre-training."""
+    stream: list[int] = []
+    for text in texts:
+        stream += list(tokenizer(text, add_special_tokens=False).input_ids) + [tokenizer.eos_token_id]
+    rows = [stream[i:i + seq_tokens] for i in range(0, len(stream), seq_tokens)]
+    return [row for row in rows if len(row) >= 2]  # a row of one token has nothing to predict
+
+
+class LengthBucketedSchedule:
+    """Batches of examples of similar length, so that padding does not dominate: each epoch is
+    shuffled from (seed, epoch), cut into windows of `window` batches, each window sorted by length
+    and cut into batches, and the batches of a window shuffled again. A batch depends only on the
+    step number (exact resume); the last incomplete batch of an epoch is dropped."""
+
+    def __init__(self, lengths: list[int], per_step: int, seed: int, window: int = 16):
+        if len(lengths) < per_step:
+            raise PromptDataError(f"{len(lengths)} examples, fewer than the {per_step} needed for one step "
+                                  f"(train.prompts_per_step)")
+        self.lengths, self.per_step, self.seed, self.window = lengths, per_step, seed, window
+        self.batches_per_epoch = len(lengths) // per_step
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self.lengths))[:self.batches_per_epoch * self.per_step]
+            batches = []
+            span = self.window * self.per_step
+            for start in range(0, len(order), span):
+                window = sorted(order[start:start + span].tolist(), key=lambda i: self.lengths[i])
+                chunk = [window[i:i + self.per_step] for i in range(0, len(window), self.per_step)]
+                batches += [chunk[j] for j in rng.permutation(len(chunk))]
+            self._epoch_cache = (epoch, batches)
+        return self._epoch_cache[1]
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.batches_per_epoch
+
+    def indices(self, step: int) -> list[int]:
+        return self._epoch(self.epoch_of(step))[step % self.batches_per_epoch]
+
+
+@dataclass
+class SequencePool:
+    """Fixed sequences to train on, `per_step` of them in each step's batch. The loss is on tokens
+    from `targets_from[i]` on. `costs` are FLOPs already spent producing each sequence (a teacher
+    writing SFT data), charged the first time the sequence is trained on."""
+
+    sequences: list[list[int]]
+    targets_from: list[int]
+    per_step: int
+    costs: list[float] | None = None
+
+    @classmethod
+    def of_examples(cls, examples: list[Example], per_step: int) -> "SequencePool":
+        costs = [float((e.record.get("cost") or {}).get("flops", 0.0)) for e in examples]
+        return cls([e.ids for e in examples], [len(e.prompt_ids) for e in examples], per_step,
+                   costs if any(costs) else None)
+
+
+class SequenceBatches:
+    """sft / midtrain: each step's batch, drawn from one or more pools (documents and chat data
+    mixed at a fixed ratio), every pool length-bucketed. Depends only on the step (exact resume)."""
+
+    def __init__(self, pools: list[SequencePool], seed: int):
+        self.pools = [p for p in pools if p.per_step > 0]
+        self.schedules = [LengthBucketedSchedule([len(s) for s in p.sequences], p.per_step, seed + i)
+                          for i, p in enumerate(self.pools)]
+
+    def batch(self, step: int) -> tuple[list[list[int]], list[int], float]:
+        """(sequences, where each one's targets start, FLOPs of data produced for this step)."""
+        sequences, targets_from, cost = [], [], 0.0
+        for pool, schedule in zip(self.pools, self.schedules):
+            indices = schedule.indices(step)
+            sequences += [pool.sequences[i] for i in indices]
+            targets_from += [pool.targets_from[i] for i in indices]
+            if pool.costs is not None and schedule.epoch_of(step) == 0:
+                cost += sum(pool.costs[i] for i in indices)
+        return sequences, targets_from, cost

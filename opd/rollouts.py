@@ -1,7 +1,8 @@
 """The batch that flows sampler -> teacher -> advantages -> learner.
 
-Layout of every B x T tensor: [left padding | prompt | completion | padding after EOS]; the prompt
-part is `prompt_width` wide for all rows. Per-token values (log-probs, KL, advantages) are aligned
+Layout of every B x T tensor of sampled rollouts: [left padding | prompt | completion | padding after
+EOS]; the prompt part is `prompt_width` wide for all rows. Fixed sequences (SFT examples, documents;
+`sequence_batch`) are right-padded instead: [prompt | completion | padding], `prompt_width` 0. Per-token values (log-probs, KL, advantages) are aligned
 with `tokens`: the value at t is about token t, predicted from tokens < t, and is 0 where
 `completion_mask` is 0.
 """
@@ -46,6 +47,10 @@ class Rollouts:
             rows = slice(start, start + size)
             yield rows, self.rows(rows)
 
+    def to(self, device: torch.device | str) -> "Rollouts":
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Rollouts(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+
     def rows(self, index: slice) -> "Rollouts":
         """A micro-batch of rows (prompts are shared, group ids keep pointing into them)."""
         kwargs = {}
@@ -53,3 +58,23 @@ class Rollouts:
             value = getattr(self, f.name)
             kwargs[f.name] = value[index] if isinstance(value, torch.Tensor) else value
         return Rollouts(**kwargs)
+
+
+def sequence_batch(sequences: list[list[int]], targets_from: list[int], pad_id: int,
+                   device: torch.device | str = "cpu") -> Rollouts:
+    """Rollouts for fixed sequences (SFT examples, documents): right-padded, with the loss on
+    tokens from `targets_from[i]` on (the completion; 1 for a document: every token but the first).
+    No behaviour log-probs: nothing was sampled."""
+    width = max(map(len, sequences))
+    tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(tokens)
+    targets = torch.zeros(len(sequences), width)
+    for i, (ids, start) in enumerate(zip(sequences, targets_from)):
+        tokens[i, :len(ids)] = torch.tensor(ids)
+        attention[i, :len(ids)] = 1
+        targets[i, max(start, 1):len(ids)] = 1
+    zeros = torch.zeros(len(sequences), width)
+    batch = Rollouts(tokens=tokens, attention_mask=attention, completion_mask=targets, behaviour_logprobs=zeros,
+                     entropy=zeros.clone(), truncated=torch.zeros(len(sequences), dtype=torch.bool),
+                     group_ids=torch.arange(len(sequences)), prompt_width=0)
+    return batch.to(device)

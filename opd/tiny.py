@@ -63,14 +63,28 @@ def demo_conversations(count: int, seed: int = 0) -> list[list[dict]]:
 
 
 def _corpus() -> list[str]:
+    """What the tiny tokenizer learns its merges from: the built-in conversations and the built-in
+    tasks' text (arithmetic, the knowledge base, instructions), so that their words and names are
+    a few tokens each. Digits are always single tokens (see the pre-tokenizer)."""
+    from opd.config import TaskConfig
+    from opd.tasks import documents, make_records
+
     texts = [m["content"] for conv in demo_conversations(200) for m in conv]
+    for name in ("arithmetic", "knowledge", "instruction"):
+        task = TaskConfig(name=name, train_size=200, eval_size=20)
+        for record in make_records(task, "train"):
+            texts += [m["content"] for m in record["messages"]] + [record.get("completion") or ""]
+    texts += documents(TaskConfig(name="knowledge"))
     return texts + ["Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000, and signs: + - * / = ( ) . , ! ? : ;"]
 
 
 @functools.lru_cache(maxsize=None)
 def _tokenizer_json(vocab_size: int) -> str:
     tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits split one by one (as in Llama-style tokenizers): numbers are written digit by digit,
+    # which small models learn arithmetic on far more easily than on multi-digit tokens.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -78,7 +92,7 @@ def _tokenizer_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
-def build_tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(vocab_size: int = 768) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with pad/bos/eos, role tokens and a chat template."""
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),

@@ -31,3 +31,49 @@ def test_distill_reports_bad_prompt_files(tmp_path):
                                  "teacher.tiny.hidden_size=32", f"data.prompts={bad}", "log.progress=false"])
     assert result.exit_code == 2
     assert f"{bad}:2: not valid JSON" in result.output
+
+
+def test_a_config_naming_another_method_is_refused(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("method: rl\nstudent: {tiny: {hidden_size: 32}}\n")
+    result = runner.invoke(app, ["sft", "--config", str(config)])
+    assert result.exit_code == 2 and "says method: rl, but this is `opd sft`" in result.output
+
+
+def test_rl_without_a_grader_is_refused_before_training(tmp_path):
+    result = runner.invoke(app, ["rl", f"run_dir={tmp_path / 'run'}", "student.tiny.hidden_size=32", "log.progress=false"])
+    assert result.exit_code == 2 and "method=rl needs a reward for every prompt" in result.output
+
+
+def test_tasks_sample_sft_and_eval_from_the_command_line(tmp_path):
+    """The whole off-policy path: write task data, let a teacher sample it, SFT on it, evaluate."""
+    data = tmp_path / "arith.jsonl"
+    result = runner.invoke(app, ["tasks", "arithmetic", "--out", str(data), "--count", "12"])
+    assert result.exit_code == 0, result.output
+    assert len(data.read_text().splitlines()) == 12
+
+    common = ["student.tiny.hidden_size=32", "teacher.tiny.hidden_size=32", "log.progress=false",
+              "sampling.max_new_tokens=8", "train.prompts_per_step=4"]
+    samples = tmp_path / "teacher.jsonl"
+    result = runner.invoke(app, ["sample", "--out", str(samples), f"data.prompts={data}", *common])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(rows) == 12 * 4 and all(r["cost"]["flops"] > 0 and "completion" in r and "score" in r for r in rows)
+
+    run = tmp_path / "sft"
+    result = runner.invoke(app, ["sft", f"run_dir={run}", f"data.completions={samples}", "train.steps=2",
+                                 "data.eval_holdout=4", "eval.samples_per_prompt=2", *common])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["flops_data_total"] > 0 and summary["flops_total_with_data"] > summary["flops_total"] > 0
+    assert "eval/accuracy" in summary["last_eval"] and "eval/teacher_kl" in summary["last_eval"]
+
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", str(run), "--task", "arithmetic", "--task", "instruction", "-k", "2",
+                                 "--output", str(out), "task.eval_size=6"])
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())
+    assert set(results["sets"]) == {"arithmetic", "instruction"} and results["checkpoint"].endswith("step_000002")
+    assert results["sets"]["arithmetic"]["prompts"] == 6 and "accuracy" in results["sets"]["instruction"]
+    assert any(k.startswith("check/") for k in results["sets"]["instruction"])
+    assert "accuracy" in result.output

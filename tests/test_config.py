@@ -34,7 +34,7 @@ def test_bad_value_is_named():
 
 
 def test_model_needs_exactly_one_source():
-    with pytest.raises(ConfigError, match="teacher: Field required"):
+    with pytest.raises(ConfigError, match="method=distill needs a `teacher`"):
         load_config(None, ["student.tiny.hidden_size=32"])
     with pytest.raises(ConfigError, match="teacher: .*exactly one of `path`"):
         load_config(None, ["student.tiny.hidden_size=32", "teacher.dtype=bfloat16"])

@@ -43,8 +43,10 @@ def test_one_and_four_micro_batches_give_the_same_loss_and_update(batch, kind):
         assert metrics["grad_norm"] == pytest.approx(m_full["grad_norm"], rel=1e-5)
         for a, b in zip(g_full, grads):
             torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
-        for a, b in zip(p_full, params):  # Adam's first step is ~lr*sign(g): rounding on tiny g shows here
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        # Adam's first step is lr * g / (|g| + eps): where |g| is near eps, rounding of g at 1e-7
+        # moves the update by a fraction of lr (1e-2), so parameters agree to 1e-4, not better.
+        for a, b in zip(p_full, params):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert any(not torch.equal(a, b) for a, b in zip(p_full, student.parameters()))  # it did move
 
 

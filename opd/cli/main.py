@@ -1,8 +1,14 @@
 """The `opd` command line.
 
-    opd distill --config run.yaml optim.lr=3e-4 train.steps=200   # overrides: dotted key=value
-    opd distill --config run.yaml --resume                        # continue from the last checkpoint
-    opd demo                                                      # the embedded default run
+    opd distill  --config run.yaml optim.lr=3e-4 train.steps=200   # overrides: dotted key=value
+    opd distill  --config run.yaml --resume                        # continue from the last checkpoint
+    opd rl       --config run.yaml                                 # rewards from a grader (+ teacher KL)
+    opd sample   --config run.yaml --out data/teacher.jsonl        # teacher completions for SFT
+    opd sft      --config run.yaml data.completions=data/teacher.jsonl
+    opd midtrain --config run.yaml                                 # documents (+ chat data)
+    opd eval     runs/x --task arithmetic --samples 4              # any run, checkpoint or model
+    opd tasks    arithmetic --split eval --out eval.jsonl          # write a built-in task's data
+    opd demo                                                       # the embedded default run
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from opd.config import ConfigError, load_config
+from opd.config import METHODS, ConfigError, load_config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="On-policy distillation of language models.")
@@ -37,8 +43,10 @@ def _user_errors():
     from opd.run_dir import RunDirectoryError
     from opd.tokenizer_check import TokenizerMismatchError
 
+    from opd.tasks import GraderError
+
     return (ConfigError, PromptDataError, ModelNotFoundError, TokenizerMismatchError, RunDirectoryError,
-            FileNotFoundError, ImportError)
+            GraderError, FileNotFoundError, ImportError)
 
 
 def _run(cfg, resume: bool) -> dict:
@@ -50,19 +58,122 @@ def _run(cfg, resume: bool) -> dict:
         raise _fail(err)
 
 
-@app.command(context_settings={"allow_extra_args": False})
-def distill(
-    overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value settings, e.g. optim.lr=3e-4"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run configuration"),
-    resume: bool = typer.Option(False, "--resume", help="continue the run in run_dir from its last checkpoint"),
+def _method_config(method: str, config: Path | None, overrides: list[str]):
+    """The config file plus overrides, with `method` set by the command; a file that names another
+    method is refused rather than silently overridden."""
+    import yaml
+
+    if config is not None and config.is_file():
+        named = (yaml.safe_load(config.read_text()) or {}).get("method")
+        if named not in (None, method):
+            raise ConfigError(f"{config} says method: {named}, but this is `opd {method}`")
+    return load_config(config, [f"method={method}", *overrides])
+
+
+_HELP = {
+    "distill": "On-policy distillation: the student samples, the teacher scores every token.",
+    "rl": "RL with a verifiable reward (GRPO-style group centring); add a teacher for RL + teacher KL.",
+    "sft": "Off-policy distillation / SFT: cross-entropy on given completions (e.g. from `opd sample`).",
+    "midtrain": "Mid-training: next-token training on documents, optionally mixed with chat data.",
+}
+
+
+def _register(method: str) -> None:
+    def command(
+        overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value settings, e.g. optim.lr=3e-4"),
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run configuration"),
+        resume: bool = typer.Option(False, "--resume", help="continue the run in run_dir from its last checkpoint"),
+    ):
+        try:
+            cfg = _method_config(method, config, overrides or [])
+        except ConfigError as err:
+            raise _fail(err)
+        _print_summary(_run(cfg, resume))
+
+    command.__doc__ = _HELP[method]
+    app.command(name=method, context_settings={"allow_extra_args": False})(command)
+
+
+for _method in METHODS:
+    _register(_method)
+
+
+@app.command()
+def sample(
+    overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value settings"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run configuration (its teacher, prompts, sampling)"),
+    out: Path = typer.Option(..., "--out", "-o", help="JSONL file to write"),
+    split: str = typer.Option("train", help="train or eval prompts"),
+    only_correct: bool = typer.Option(False, "--only-correct", help="keep only completions the grader scores 1"),
 ):
-    """Distil a student from a teacher on the student's own samples."""
+    """The teacher writes completions for the prompts, with their cost, to JSONL (data for `opd sft`)."""
+    from opd.teacher.samples import write_teacher_samples
+
     try:
         cfg = load_config(config, overrides or [])
-    except ConfigError as err:
+        result = write_teacher_samples(cfg, out, split, only_correct, console)
+    except _user_errors() as err:
         raise _fail(err)
-    summary = _run(cfg, resume)
-    _print_summary(summary)
+    accuracy = f", teacher accuracy {result['accuracy']:.3f}" if result["accuracy"] is not None else ""
+    console.print(f"wrote {result['written']} of {result['samples']} samples to {result['out']}{accuracy}; "
+                  f"teacher cost {result['teacher_flops']:.3g} FLOPs, {result['teacher_tokens']:,} tokens, "
+                  f"{result['seconds']:.1f} s")
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Argument(..., help="a run directory, a checkpoint directory, a Hugging Face model directory or a .gguf"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value settings, e.g. task.arithmetic.digits=2"),
+    task: Optional[List[str]] = typer.Option(None, "--task", "-t", help="built-in task to evaluate (repeatable); default: the run's eval sets"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config for the task/data/eval settings"),
+    samples: Optional[int] = typer.Option(None, "--samples", "-k", help="samples per prompt (pass@1 averaged over k)"),
+    greedy: bool = typer.Option(False, "--greedy", help="argmax decoding instead of sampling at temperature 1"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the results as JSON here"),
+):
+    """Accuracy (per task and per check) and, with a teacher, teacher KL, for any model."""
+    from opd.eval_command import run_eval
+
+    extra = [f"eval.samples_per_prompt={samples}"] if samples else []
+    extra += ["eval.greedy=true"] if greedy else []
+    try:
+        results = run_eval(model, task or [], config, [*(overrides or []), *extra], console)
+    except _user_errors() as err:
+        raise _fail(err)
+    table = Table(title=f"opd eval: {results['model']}  ({'greedy' if results['greedy'] else 'k=' + str(results['samples_per_prompt'])})")
+    table.add_column("set")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, metrics in results["sets"].items():
+        for key, value in metrics.items():
+            table.add_row(name, key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"results: {output}")
+
+
+@app.command()
+def tasks(
+    name: str = typer.Argument(..., help="arithmetic, knowledge or instruction"),
+    out: Path = typer.Option(..., "--out", "-o", help="JSONL file to write"),
+    split: str = typer.Option("train", help="train or eval"),
+    count: Optional[int] = typer.Option(None, help="how many records (default: task.train_size / task.eval_size)"),
+    documents: bool = typer.Option(False, "--documents", help="knowledge: write the mid-training documents instead"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="task settings, e.g. task.arithmetic.digits=3"),
+):
+    """Write a built-in task's prompts (with reference answers) or documents to JSONL."""
+    from opd.config import TaskConfig
+    from opd.tasks import documents as task_documents, make_records
+
+    try:
+        cfg = load_config(None, [f"task.name={name}", *(overrides or [])], base={"method": "sft", "student": {"tiny": {}}})
+        records = [{"text": t} for t in task_documents(cfg.task)] if documents else make_records(cfg.task, split, count)
+    except (ConfigError, ValueError) as err:
+        raise _fail(err)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    console.print(f"wrote {len(records)} {'documents' if documents else split + ' records'} of task {name} to {out}")
 
 
 @app.command()
@@ -95,14 +206,19 @@ def _print_summary(summary: dict) -> None:
     table.add_column("held-out prompts")
     table.add_column("start", justify="right")
     table.add_column("end", justify="right")
-    names = {"eval/teacher_kl": "teacher KL (sampled, per token)", "eval/exact_kl": "exact reverse KL (per token)",
-             "eval/entropy": "student entropy", "eval/completion_len": "completion length"}
-    for key, label in names.items():
-        if key in end:
+    names = {"teacher_kl": "teacher KL (sampled, per token)", "exact_kl": "exact reverse KL (per token)",
+             "accuracy": "accuracy", "instruction_accuracy": "instruction-level accuracy",
+             "entropy": "student entropy", "completion_len": "completion length"}
+    for key in end:
+        prefix, _, metric = key.rpartition("/")
+        if metric in names:
+            where = prefix.removeprefix("eval").strip("/")
+            label = names[metric] + (f" [{where}]" if where else "")
             table.add_row(label, f"{start[key]:.3f}" if key in start else "-", f"{end[key]:.3f}")
     console.print(table)
-    console.print(f"tokens trained: {summary['tokens_total']:,}   wall time in steps: {summary['wall_s_total']:.1f} s"
-                  f"   metrics: {summary['run_dir']}/metrics.jsonl")
+    with_data = (f" (+{summary['flops_data_total']:.3g} to write the data)" if summary.get("flops_data_total") else "")
+    console.print(f"tokens trained: {summary['tokens_trained_total']:,}   FLOPs: {summary['flops_total']:.3g}{with_data}"
+                  f"   wall time in steps: {summary['wall_s_total']:.1f} s   metrics: {summary['run_dir']}/metrics.jsonl")
 
 
 def _print_samples(run_dir: Path) -> None:

@@ -1,5 +1,7 @@
 """The learner: one optimizer step on a batch of rollouts, split into micro-batches.
 
+Three objectives share the step: the policy gradient (distillation's sampled estimator and RL),
+an exact divergence to a local teacher, and cross-entropy on given tokens (SFT, mid-training).
 Every micro-batch's loss is divided by the completion-token count of the *whole* batch, so the
 accumulated gradient is the same whatever the micro-batch size.
 """
@@ -13,6 +15,7 @@ import torch
 
 from opd.config import LossConfig, OptimConfig
 from opd.losses.chunked import token_divergence, token_logprobs
+from opd.losses.cross_entropy import completion_cross_entropy
 from opd.losses.policy_gradient import policy_gradient_loss
 from opd.models import LogitsHead
 from opd.rollouts import Rollouts
@@ -28,8 +31,16 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str,
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+OBJECTIVES = ("policy_gradient", "divergence", "cross_entropy")
+
+
 class Learner:
-    def __init__(self, model, optim: OptimConfig, loss: LossConfig, total_steps: int, micro_batch_size: int):
+    def __init__(self, model, optim: OptimConfig, loss: LossConfig, total_steps: int, micro_batch_size: int,
+                 objective: str | None = None):
+        # Default: what loss.kind asks for (the sampled estimator is a policy gradient).
+        self.objective = objective or ("policy_gradient" if loss.kind == "sampled_reverse_kl" else "divergence")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r}: expected one of {OBJECTIVES}")
         self.model = model
         self.head = LogitsHead(model)
         self.loss_cfg = loss
@@ -44,11 +55,13 @@ class Learner:
 
     @property
     def exact(self) -> bool:
-        return self.loss_cfg.kind != "sampled_reverse_kl"
+        """Whether the step needs the teacher's hidden states (a full-vocabulary divergence)."""
+        return self.objective == "divergence"
 
     def train_step(self, rollouts: Rollouts, advantages: torch.Tensor,
                    teacher_hidden: torch.Tensor | None = None, teacher_head: LogitsHead | None = None) -> dict:
-        """One optimizer step. The exact losses need the teacher's hidden states and head."""
+        """One optimizer step. The exact losses need the teacher's hidden states and head;
+        cross-entropy needs no advantages (pass None)."""
         if self.exact and (teacher_hidden is None or teacher_head is None):
             raise ValueError(f"loss.kind={self.loss_cfg.kind} needs the teacher's hidden states (a local teacher)")
         self.model.train()
@@ -59,7 +72,11 @@ class Learner:
         for rows, micro in rollouts.micro_batches(self.micro_batch_size):
             _, hidden_M_H = self.head.completion_states(micro)
             selected = micro.predicts_completion
-            if self.exact:
+            if self.objective == "cross_entropy":
+                logprobs_M = token_logprobs(self.head.logits, hidden_M_H, micro.tokens[:, 1:][selected],
+                                            self.loss_cfg.chunk_size)
+                loss = completion_cross_entropy(logprobs_M, num_tokens)
+            elif self.exact:
                 div_M = token_divergence(self.loss_cfg.kind, self.head.logits, hidden_M_H, teacher_head.logits,
                                          teacher_hidden[rows, :-1][selected], self.loss_cfg.jsd_beta,
                                          self.loss_cfg.chunk_size)
@@ -87,7 +104,9 @@ class Learner:
 
         n = float(num_tokens)
         metrics = {"loss": total_loss, "grad_norm": float(grad_norm), "lr": lr}
-        if self.exact:
+        if self.objective == "cross_entropy":
+            metrics["cross_entropy"] = total_loss
+        elif self.exact:
             metrics[f"exact_{self.loss_cfg.kind}"] = divergence_sum / n
         else:
             metrics["ratio_mean"] = ratio_sum / n

@@ -59,8 +59,9 @@ class HFSampler:
 
     @torch.no_grad()
     def sample(self, prompt_ids: list[list[int]], samples_per_prompt: int | None = None,
-               max_new_tokens: int | None = None, prompts: list | None = None) -> Rollouts:
-        """Sample `samples_per_prompt` completions for each prompt (token ids, unpadded)."""
+               max_new_tokens: int | None = None, prompts: list | None = None, greedy: bool = False) -> Rollouts:
+        """Sample `samples_per_prompt` completions for each prompt (token ids, unpadded).
+        `greedy` takes the most likely token instead (for evaluation; not a sample of the policy)."""
         cfg = self.cfg
         group_size = samples_per_prompt or cfg.samples_per_prompt
         max_new = max_new_tokens or cfg.max_new_tokens
@@ -78,7 +79,7 @@ class HFSampler:
         was_training = self.model.training
         self.model.eval()
         try:
-            new_tokens, logprobs, entropy, lengths, finished = self._decode(prompt_tokens, prompt_mask, max_new)
+            new_tokens, logprobs, entropy, lengths, finished = self._decode(prompt_tokens, prompt_mask, max_new, greedy)
         finally:
             self.model.train(was_training)
 
@@ -97,7 +98,7 @@ class HFSampler:
             prompts=list(prompts) if prompts is not None else [],
         )
 
-    def _decode(self, tokens, mask, max_new):
+    def _decode(self, tokens, mask, max_new, greedy=False):
         """New tokens, their log-probs and entropies (B x steps); each row's length, and whether
         it ended by EOS or a stop string (rather than by running out of tokens)."""
         batch = tokens.shape[0]
@@ -113,8 +114,10 @@ class HFSampler:
         for step in range(max_new):
             logits = out.logits[:, -1].float()
             logprobs_V = F.log_softmax(logits, -1)
-            probs = F.softmax(sampling_logits(logits, self.cfg), -1)
-            token = torch.multinomial(probs, 1).squeeze(1)
+            if greedy:
+                token = logits.argmax(-1)
+            else:
+                token = torch.multinomial(F.softmax(sampling_logits(logits, self.cfg), -1), 1).squeeze(1)
             token = torch.where(done, torch.full_like(token, self.pad_id), token)
             out_tokens.append(token)
             out_logprobs.append(logprobs_V.gather(-1, token[:, None]).squeeze(1))

@@ -1,0 +1,93 @@
+"""`opd eval`: accuracy (per task, per check) and teacher KL for any run, checkpoint or model.
+
+    opd eval runs/x                       # the run's latest checkpoint on the run's own eval sets
+    opd eval runs/x/checkpoints/step_000100 --task instruction --task knowledge
+    opd eval models/smollm2 --task arithmetic task.arithmetic.digits=2 --samples 4
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from opd.config import ConfigError, load_config
+from opd.data import encode_prompts
+from opd.evaluation import evaluate_prompts
+from opd.learner.checkpoint import latest_checkpoint, load_weights
+from opd.loop import load_data, seed_everything, task_records
+from opd.models import load_model, pick_device
+from opd.sampler.hf import HFSampler
+from opd.teacher.hf import HFTeacher
+from opd.tokenizer_check import check_tokenizers_match
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path.resolve()}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def resolve_model(model: str, config: Path | None) -> tuple[dict, Path | None]:
+    """(config tree, checkpoint weights directory or None) for a run directory, a checkpoint
+    directory, or a model path."""
+    path = Path(model)
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():  # a run directory
+        checkpoint = latest_checkpoint(path)
+        if checkpoint is None:
+            raise FileNotFoundError(f"{path}: the run has no complete checkpoint under {path / 'checkpoints'}")
+        tree, weights = _read_yaml(path / "config.yaml"), checkpoint / "model"
+    elif (path / "trainer_state.pt").is_file():  # one checkpoint of a run: run_dir/checkpoints/step_N
+        tree, weights = _read_yaml(path.parent.parent / "config.yaml"), path / "model"
+    else:  # a model: its settings come from --config (if any), the model from the argument
+        tree = _read_yaml(config) if config is not None else {}
+        tree = {**tree, "method": tree.get("method", "sft"), "student": {"path": model}}
+        return tree, None
+    if config is not None:
+        from opd.config import _deep_merge
+
+        tree = _deep_merge(tree, _read_yaml(config))
+    return tree, weights
+
+
+def run_eval(model: str, tasks: list[str], config: Path | None, overrides: list[str],
+             console: Console | None = None) -> dict:
+    tree, weights = resolve_model(model, config)
+    cfg = load_config(None, [*overrides, "log.progress=false"], base=tree)
+    seed_everything(cfg.train.seed)
+    device = pick_device(cfg.train.device)
+    student, tokenizer = load_model(cfg.student, device)
+    if weights is not None:
+        load_weights(student, weights)
+    teacher = None
+    if cfg.teacher is not None and not cfg.eval.greedy:  # teacher KL needs the student's own samples
+        teacher_model, teacher_tokenizer = load_model(cfg.teacher, device)
+        check_tokenizers_match(tokenizer, teacher_tokenizer)
+        teacher = HFTeacher(teacher_model, teacher_tokenizer, cfg.loss.chunk_size, cfg.train.micro_batch_size)
+
+    if tasks:
+        known = ("arithmetic", "knowledge", "instruction")
+        unknown = [t for t in tasks if t not in known]
+        if unknown:
+            raise ConfigError(f"--task {unknown[0]}: unknown task (known: {', '.join(known)})")
+        sets = {t: encode_prompts(task_records(cfg, "eval", t), tokenizer, cfg.data.max_prompt_tokens,
+                                  cfg.data.overlong)[0] for t in tasks}
+    elif weights is not None or cfg.task.name != "none" or cfg.data.eval_prompts is not None:
+        sets = {name or (cfg.task.name if cfg.task.name != "none" else "eval"): prompts
+                for name, prompts in load_data(cfg, tokenizer).eval_sets.items()}
+    else:
+        raise ConfigError("nothing to evaluate on: pass --task (arithmetic, knowledge, instruction) or a --config "
+                          "with task.name or data.eval_prompts")
+
+    sampler = HFSampler(student, tokenizer, cfg.sampling)
+    results = {"model": model, "checkpoint": str(weights.parent) if weights is not None else None,
+               "samples_per_prompt": 1 if cfg.eval.greedy else cfg.eval.samples_per_prompt,
+               "greedy": cfg.eval.greedy, "seed": cfg.eval.seed, "sets": {}}
+    for name, prompts in sets.items():
+        if console is not None:
+            console.print(f"evaluating {name}: {len(prompts)} prompts")
+        metrics, _ = evaluate_prompts(prompts, sampler, cfg.eval, cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens,
+                                      teacher, cfg.data.grader, cfg.train.micro_batch_size, cfg.loss.chunk_size)
+        results["sets"][name] = {"prompts": len(prompts), **metrics}
+    return results

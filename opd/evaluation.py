@@ -1,0 +1,128 @@
+"""Measuring a student on a set of prompts: accuracy from graders (pass@1 averaged over k samples,
+per task and per check) and, when a teacher is given, the teacher KL of the student's own samples.
+
+The training loop calls `evaluate_prompts` every `eval.every` steps; `opd eval` calls it on any
+checkpoint or model. Per-step training metrics (`rollout_metrics`, `reward_metrics`) live here too,
+so that training and evaluation measure the same way.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from opd.advantages import teacher_kl
+from opd.config import EvalConfig
+from opd.losses.chunked import token_divergence
+from opd.models import LogitsHead
+from opd.rollouts import Rollouts
+from opd.tasks import Grade, grade, is_graded
+
+
+def completion_texts(rollouts: Rollouts, tokenizer) -> list[str]:
+    """The text of each sampled completion, without EOS or other special tokens."""
+    return [tokenizer.decode(row[keep.bool()].tolist(), skip_special_tokens=True)
+            for row, keep in zip(rollouts.tokens, rollouts.completion_mask)]
+
+
+def grade_rollouts(rollouts: Rollouts, tokenizer, default_grader: str | None) -> list[Grade | None]:
+    """One grade per row (None where the prompt's record has no grader)."""
+    grades = []
+    for text, group in zip(completion_texts(rollouts, tokenizer), rollouts.group_ids.tolist()):
+        record = rollouts.prompts[group].record if rollouts.prompts else {}
+        grades.append(grade(record, text, default_grader) if is_graded(record, default_grader) else None)
+    return grades
+
+
+def rewards_of(grades: list[Grade | None]) -> torch.Tensor:
+    """RL rewards: each row's grade score. Every prompt must be graded."""
+    return torch.tensor([g.score for g in grades], dtype=torch.float32)
+
+
+def reward_metrics(grades: list[Grade | None], group_ids: torch.Tensor) -> dict:
+    """accuracy (mean score), per-check pass rates, and the groups whose samples all scored the
+    same: with a centred reward they carry no RL signal."""
+    graded = [(g, int(group)) for g, group in zip(grades, group_ids.tolist()) if g is not None]
+    if not graded:
+        return {}
+    metrics = {"accuracy": sum(g.score for g, _ in graded) / len(graded)}
+    checks = defaultdict(list)
+    for g, _ in graded:
+        for name, passed in g.checks.items():
+            checks[name].append(float(passed))
+    if checks:
+        # instruction-level accuracy: the fraction of single checks passed (accuracy is per prompt)
+        metrics["instruction_accuracy"] = sum(map(sum, checks.values())) / sum(map(len, checks.values()))
+        metrics.update({f"check/{name}": sum(v) / len(v) for name, v in sorted(checks.items())})
+    by_group = defaultdict(list)
+    for g, group in graded:
+        by_group[group].append(g.score)
+    equal = sum(1 for scores in by_group.values() if len(scores) > 1 and max(scores) == min(scores))
+    metrics["groups_all_equal"] = equal
+    metrics["groups_all_equal_frac"] = equal / len(by_group)
+    return metrics
+
+
+def rollout_metrics(rollouts: Rollouts, teacher_logprobs: torch.Tensor | None) -> dict:
+    mask = rollouts.completion_mask
+    tokens = float(mask.sum())
+    metrics = {
+        "entropy": float(rollouts.entropy.sum()) / max(tokens, 1.0),
+        "completion_len": float(rollouts.completion_lengths.mean()),
+        "truncated": float(rollouts.truncated.float().mean()),
+        "tokens": int(tokens),
+    }
+    if teacher_logprobs is not None:  # mean per-token reverse-KL estimate
+        metrics["teacher_kl"] = float(teacher_kl(rollouts.behaviour_logprobs, teacher_logprobs, mask).sum()) / max(tokens, 1.0)
+    return metrics
+
+
+@torch.no_grad()
+def exact_reverse_kl(student_head: LogitsHead, teacher_head: LogitsHead, rollouts: Rollouts,
+                     teacher_hidden: torch.Tensor, micro_batch_size: int, chunk_size: int) -> float:
+    """Full-vocabulary KL(student || teacher) averaged over the sampled completion positions."""
+    total = 0.0
+    for rows, micro in rollouts.micro_batches(micro_batch_size):
+        _, states_M_H = student_head.completion_states(micro)
+        kl = token_divergence("reverse_kl", student_head.logits, states_M_H, teacher_head.logits,
+                              teacher_hidden[rows, :-1][micro.predicts_completion], chunk_size=chunk_size)
+        total += float(kl.sum())
+    return total / max(float(rollouts.completion_mask.sum()), 1.0)
+
+
+def evaluate_prompts(prompts: list, sampler, cfg: EvalConfig, max_new_tokens: int, teacher=None,
+                     default_grader: str | None = None, micro_batch_size: int = 8,
+                     chunk_size: int = 256) -> tuple[dict, Rollouts]:
+    """Sample k completions per prompt (or one greedy), from `cfg.seed` so that an evaluation
+    neither perturbs training nor varies between evaluations, and measure them.
+
+    Returns metrics (accuracy when graded; teacher_kl and exact_kl when a teacher is given and
+    the samples are the student's own) and the rollouts.
+    """
+    model = sampler.model
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(cfg.seed)
+        rollouts = sampler.sample([p.ids for p in prompts], 1 if cfg.greedy else cfg.samples_per_prompt,
+                                  max_new_tokens=max_new_tokens, prompts=prompts, greedy=cfg.greedy)
+    teacher_logprobs = None
+    if teacher is not None and not cfg.greedy:
+        same_size = teacher.head.head.weight.shape[0] == LogitsHead(model).head.weight.shape[0]
+        scores = teacher.score(rollouts, keep_hidden=same_size)
+        teacher_logprobs = scores.logprobs
+    metrics = rollout_metrics(rollouts, teacher_logprobs)
+    metrics.pop("tokens")
+    if teacher_logprobs is not None and scores.hidden is not None:
+        metrics["exact_kl"] = exact_reverse_kl(LogitsHead(model), teacher.head, rollouts, scores.hidden,
+                                               micro_batch_size, chunk_size)
+    grades = grade_rollouts(rollouts, sampler.tokenizer, default_grader)
+    graded = reward_metrics(grades, rollouts.group_ids)
+    graded.pop("groups_all_equal", None)
+    graded.pop("groups_all_equal_frac", None)
+    metrics.update(graded)
+    model.train(was_training)
+    return metrics, rollouts
