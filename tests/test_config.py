@@ -61,3 +61,12 @@ def test_shipped_example_config_is_valid():
 
     cfg = load_config(Path(__file__).parent.parent / "configs" / "example.yaml")
     assert cfg.student.lora.rank == 32 and cfg.loss.kind == "sampled_reverse_kl"
+
+
+def test_every_shipped_config_is_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        load_config(path)  # raises ConfigError naming the key otherwise
