@@ -8,6 +8,7 @@
     opd midtrain --config run.yaml                                 # documents (+ chat data)
     opd eval     runs/x --task arithmetic --samples 4              # any run, checkpoint or model
     opd tasks    arithmetic --split eval --out eval.jsonl          # write a built-in task's data
+    opd report   runs/x                                            # report.html: curves, KL-coloured rollouts
     opd demo                                                       # the embedded default run
 """
 
@@ -174,6 +175,18 @@ def tasks(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in records))
     console.print(f"wrote {len(records)} {'documents' if documents else split + ' records'} of task {name} to {out}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a run directory")):
+    """Write report.html (and PNGs) into a run directory: curves, and rollouts coloured by teacher KL."""
+    from opd.report import ReportError, build_report
+
+    try:
+        out = build_report(run_dir)
+    except ReportError as err:
+        raise _fail(err)
+    console.print(f"report: {out}")
 
 
 @app.command()
