@@ -20,18 +20,25 @@ from opd.rollouts import Rollouts
 from opd.tasks import Grade, grade, is_graded
 
 
+def completion_text(tokenizer, tokens_T: torch.Tensor, completion_mask_T: torch.Tensor) -> str:
+    """The text of one sampled completion, without EOS or other special tokens."""
+    return tokenizer.decode(tokens_T[completion_mask_T.bool()].tolist(), skip_special_tokens=True)
+
+
 def completion_texts(rollouts: Rollouts, tokenizer) -> list[str]:
-    """The text of each sampled completion, without EOS or other special tokens."""
-    return [tokenizer.decode(row[keep.bool()].tolist(), skip_special_tokens=True)
-            for row, keep in zip(rollouts.tokens, rollouts.completion_mask)]
+    return [completion_text(tokenizer, row, keep) for row, keep in zip(rollouts.tokens, rollouts.completion_mask)]
 
 
 def grade_rollouts(rollouts: Rollouts, tokenizer, default_grader: str | None) -> list[Grade | None]:
-    """One grade per row (None where the prompt's record has no grader)."""
+    """One grade per row (None where the prompt's record has no grader). Only graded rows are
+    decoded: a distillation run without graders calls this every step."""
     grades = []
-    for text, group in zip(completion_texts(rollouts, tokenizer), rollouts.group_ids.tolist()):
+    for row, keep, group in zip(rollouts.tokens, rollouts.completion_mask, rollouts.group_ids.tolist()):
         record = rollouts.prompts[group].record if rollouts.prompts else {}
-        grades.append(grade(record, text, default_grader) if is_graded(record, default_grader) else None)
+        if not is_graded(record, default_grader):
+            grades.append(None)
+            continue
+        grades.append(grade(record, completion_text(tokenizer, row, keep), default_grader))
     return grades
 
 
@@ -109,15 +116,15 @@ def evaluate_prompts(prompts: list, sampler, cfg: EvalConfig, max_new_tokens: in
             torch.cuda.manual_seed_all(cfg.seed)
         rollouts = sampler.sample([p.ids for p in prompts], 1 if cfg.greedy else cfg.samples_per_prompt,
                                   max_new_tokens=max_new_tokens, prompts=prompts, greedy=cfg.greedy)
-    teacher_logprobs = None
+    scores = None
     if teacher is not None and not cfg.greedy:
-        same_size = teacher.head.head.weight.shape[0] == LogitsHead(model).head.weight.shape[0]
+        student_head = LogitsHead(model)
+        same_size = teacher.head.head.weight.shape[0] == student_head.head.weight.shape[0]
         scores = teacher.score(rollouts, keep_hidden=same_size)
-        teacher_logprobs = scores.logprobs
-    metrics = rollout_metrics(rollouts, teacher_logprobs)
+    metrics = rollout_metrics(rollouts, scores.logprobs if scores is not None else None)
     metrics.pop("tokens")
-    if teacher_logprobs is not None and scores.hidden is not None:
-        metrics["exact_kl"] = exact_reverse_kl(LogitsHead(model), teacher.head, rollouts, scores.hidden,
+    if scores is not None and scores.hidden is not None:
+        metrics["exact_kl"] = exact_reverse_kl(student_head, teacher.head, rollouts, scores.hidden,
                                                micro_batch_size, chunk_size)
     grades = grade_rollouts(rollouts, sampler.tokenizer, default_grader)
     graded = reward_metrics(grades, rollouts.group_ids)

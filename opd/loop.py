@@ -158,11 +158,9 @@ def load_data(cfg: RunConfig, tokenizer) -> RunData:
         data.skipped += skipped
         return examples
 
-    eval_prompts = None
-    if cfg.data.eval_prompts is not None:
-        eval_prompts = prompts_of(read_records(cfg.data.eval_prompts))
-    elif cfg.task.name != "none":
-        eval_prompts = prompts_of(task_records(cfg, "eval"))
+    # The run's own eval prompts: a file or the task's eval split; without either, held out below.
+    has_eval_source = cfg.data.eval_prompts is not None or cfg.task.name != "none"
+    eval_prompts = prompts_of(prompt_records(cfg, "eval")) if has_eval_source else None
     per_step, seed = cfg.train.prompts_per_step, cfg.train.seed
 
     if cfg.on_policy:

@@ -20,6 +20,7 @@ from opd.evaluation import completion_texts, grade_rollouts
 from opd.flops import ModelCost, generation_flops
 from opd.models import load_model, pick_device
 from opd.sampler.hf import HFSampler
+from opd.tasks import is_graded
 
 
 def write_teacher_samples(cfg: RunConfig, out: Path, split: str = "train", only_correct: bool = False,
@@ -37,6 +38,8 @@ def write_teacher_samples(cfg: RunConfig, out: Path, split: str = "train", only_
     model.eval()
     prompts, skipped = encode_prompts(prompt_records(cfg, split), tokenizer, cfg.data.max_prompt_tokens,
                                       cfg.data.overlong)
+    if only_correct and not any(is_graded(p.record, cfg.data.grader) for p in prompts):
+        raise ConfigError("--only-correct needs a grader: task.name, data.grader or a `grader` field in each record")
     sampler = HFSampler(model, tokenizer, cfg.sampling)
     cost = ModelCost.from_model(model)
 
@@ -64,8 +67,6 @@ def write_teacher_samples(cfg: RunConfig, out: Path, split: str = "train", only_
     seconds = time.perf_counter() - started
 
     kept = [r for r in rows if r.get("score") == 1.0] if only_correct else rows
-    if only_correct and not any("score" in r for r in rows):
-        raise ConfigError("--only-correct needs a grader: task.name, data.grader or a `grader` field in each record")
     if kept and len(kept) < len(rows):
         share = total_flops / len(kept)
         for r in kept:
