@@ -39,7 +39,10 @@ def coloured_rollout(record: dict) -> str:
     return "".join(spans)
 
 
-def _plot(path: Path, title: str, xlabel: str, ylabel: str, curves: dict[str, tuple[list, list]]) -> bool:
+def _plot(path: Path, title: str, xlabel: str, ylabel: str, curves: dict[str, tuple[list, list]],
+          levels: dict[str, float] | None = None, dashed: tuple[str, ...] = (), log_x: bool = False) -> bool:
+    """A line plot of `curves`; `levels` are horizontal reference lines (e.g. the teacher)."""
+    curves = {label: xy for label, xy in curves.items() if xy[0]}
     if not curves:
         return False
     import matplotlib
@@ -49,7 +52,13 @@ def _plot(path: Path, title: str, xlabel: str, ylabel: str, curves: dict[str, tu
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     for label, (xs, ys) in curves.items():
-        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        ax.plot(xs, ys, marker="o", markersize=3, label=label, linestyle="--" if label in dashed else "-")
+    for label, y in (levels or {}).items():
+        ax.axhline(y, color="grey", linestyle=":", linewidth=1)
+        ax.annotate(label, (0.01, y), xycoords=("axes fraction", "data"), fontsize=7, color="grey",
+                    va="bottom")
+    if log_x:
+        ax.set_xscale("log")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -66,8 +75,55 @@ def _curve(rows: list[dict], x_key: str, y_key: str) -> tuple[list, list]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def _rollouts_html(run_dir: Path, shown: int, label: str = "") -> list[str]:
+    """The first and the last logged steps' teacher-scored rollouts, coloured token by token."""
+    files = sorted((run_dir / "rollouts").glob("step_*.jsonl"))
+    blocks = []
+    for path in files[:1] + files[-1:] if len(files) > 1 else files:
+        records = [r for r in read_jsonl(path) if "teacher_kl" in r][:shown]
+        if not records:
+            continue
+        items = "".join(
+            f'<div class="rollout"><div class="prompt">{html.escape(r.get("prompt") or "")}</div>'
+            f'<div class="completion" data-run="{html.escape(label)}" data-file="{path.name}" data-index="{i}">'
+            f'{coloured_rollout(r)}</div>'
+            f'<div class="meta">mean KL {sum(r["teacher_kl"]) / max(len(r["teacher_kl"]), 1):.3f} per token'
+            f'{", score " + str(r["score"]) if "score" in r else ""}</div></div>'
+            for i, r in enumerate(records))
+        blocks.append(f"<h3>{html.escape(label + ' ' if label else '')}{path.stem.replace('_', ' ')}</h3>{items}")
+    return blocks
+
+
+ROLLOUTS_INTRO = (f"<p>Each token of the student's sample is shaded by k = log p_student − log p_teacher of that "
+                  f"token: white where the teacher agrees, red (at {KL_SCALE:g} nats or more) where it would not "
+                  f"have said it. Hover a token for its value.</p>")
+
+
+def _page(title: str, body: str) -> str:
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 980px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 2px 8px; text-align: right; }}
+td:first-child {{ text-align: left; }}
+.rollout {{ margin: 0.8em 0; }} .prompt {{ color: #555; font-size: 0.9em; }}
+.completion {{ font-family: monospace; white-space: pre-wrap; line-height: 1.6; }}
+.tok {{ border-radius: 2px; }} .meta {{ color: #777; font-size: 0.8em; }}
+</style></head><body>
+{body}
+</body></html>
+"""
+
+
+def _images(figures: list[str]) -> str:
+    return "".join(f'<p><img src="{f}" alt="{f}"></p>' for f in figures) or "<p>no evaluations logged</p>"
+
+
 def build_report(run_dir: str | Path, rollouts_shown: int = 4) -> Path:
+    """report.html for one run; for the folder of a comparison (`opd demo`), the comparison's."""
     run_dir = Path(run_dir)
+    if (run_dir / "comparison.json").is_file():
+        return build_comparison_report(run_dir, rollouts_shown)
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
         raise ReportError(f"{run_dir}: no metrics.jsonl, so this is not a run directory of opd")
@@ -88,49 +144,85 @@ def build_report(run_dir: str | Path, rollouts_shown: int = 4) -> Path:
     if _plot(run_dir / "teacher_kl_vs_step.png", "teacher KL vs step", "step", "nats per token", kl_curves):
         figures.append("teacher_kl_vs_step.png")
 
-    rollout_files = sorted((run_dir / "rollouts").glob("step_*.jsonl"))
-    rollout_html = []
-    for path in rollout_files[:1] + rollout_files[-1:] if len(rollout_files) > 1 else rollout_files:
-        records = [r for r in read_jsonl(path) if "teacher_kl" in r][:rollouts_shown]
-        if not records:
-            continue
-        items = "".join(
-            f'<div class="rollout"><div class="prompt">{html.escape(r.get("prompt") or "")}</div>'
-            f'<div class="completion" data-file="{path.name}" data-index="{i}">{coloured_rollout(r)}</div>'
-            f'<div class="meta">mean KL {sum(r["teacher_kl"]) / max(len(r["teacher_kl"]), 1):.3f} per token'
-            f'{", score " + str(r["score"]) if "score" in r else ""}</div></div>'
-            for i, r in enumerate(records))
-        rollout_html.append(f"<h3>{path.stem.replace('_', ' ')}</h3>{items}")
-
     start, last = summary.get("start_eval") or {}, summary.get("last_eval") or {}
     table = "".join(f"<tr><td>{html.escape(k)}</td><td>{start.get(k, float('nan')):.4f}</td><td>{v:.4f}</td></tr>"
                     for k, v in last.items() if isinstance(v, (int, float)))
     totals = {k: summary[k] for k in ("steps_done", "flops_total", "flops_total_with_data", "tokens_trained_total",
                                       "wall_s_total") if k in summary}
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>opd report: {html.escape(str(run_dir))}</title>
-<style>
-body {{ font-family: sans-serif; max-width: 980px; margin: 2em auto; color: #222; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 2px 8px; text-align: right; }}
-td:first-child {{ text-align: left; }}
-.rollout {{ margin: 0.8em 0; }} .prompt {{ color: #555; font-size: 0.9em; }}
-.completion {{ font-family: monospace; white-space: pre-wrap; line-height: 1.6; }}
-.tok {{ border-radius: 2px; }} .meta {{ color: #777; font-size: 0.8em; }}
-</style></head><body>
-<h1>opd report</h1>
+    body = f"""<h1>opd report</h1>
 <p>run <code>{html.escape(str(run_dir))}</code>, method <b>{html.escape(str(summary.get("method", "?")))}</b>;
 {html.escape(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in totals.items()))}</p>
 <h2 id="evaluation">Evaluation: start and end</h2>
 <table><tr><th>metric</th><th>start</th><th>end</th></tr>{table}</table>
 <h2 id="curves">Curves</h2>
-{"".join(f'<p><img src="{f}" alt="{f}"></p>' for f in figures) or "<p>no evaluations logged</p>"}
+{_images(figures)}
 <h2 id="rollouts">Rollouts coloured by per-token teacher KL</h2>
-<p>Each token of the student's sample is shaded by k = log p_student − log p_teacher of that token:
-white where the teacher agrees, red (at {KL_SCALE:g} nats or more) where it would not have said it.
-Hover a token for its value.</p>
-{"".join(rollout_html) or "<p>no rollouts with teacher scores in this run</p>"}
-</body></html>
-"""
+{ROLLOUTS_INTRO}
+{"".join(_rollouts_html(run_dir, rollouts_shown)) or "<p>no rollouts with teacher scores in this run</p>"}"""
     out = run_dir / "report.html"
-    out.write_text(page)
+    out.write_text(_page(f"opd report: {run_dir}", body))
+    return out
+
+
+def _fmt(value, spec: str = ".3g", missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def build_comparison_report(out_dir: str | Path, rollouts_shown: int = 4) -> Path:
+    """report.html for a comparison of methods from one start (comparison.json, written by
+    opd.compare.run_comparison): the table, accuracy vs step and vs FLOPs for every method with
+    the teacher's level, teacher KL vs step, and the KL-coloured rollouts of the runs that have them."""
+    out_dir = Path(out_dir)
+    comparison = json.loads((out_dir / "comparison.json").read_text())
+    runs = {name: out_dir / rel for name, rel in comparison["runs"].items()}
+    rows = {name: read_jsonl(path / "metrics.jsonl") for name, path in runs.items()}
+    levels = {f"teacher {comparison['teacher_accuracy']:.3f}": comparison["teacher_accuracy"],
+              f"target {comparison['target']:.3f}": comparison["target"]}
+
+    figures = []
+    if _plot(out_dir / "accuracy_vs_step.png", "held-out accuracy vs step", "step", "accuracy (sampled pass@1)",
+             {name: _curve(r, "step", "eval/accuracy") for name, r in rows.items()}, levels):
+        figures.append("accuracy_vs_step.png")
+    flops_curves = {name: _curve(r, "flops_total", "eval/accuracy") for name, r in rows.items()}
+    with_data = {f"{name} (+ writing its data)": _curve(r, "flops_total_with_data", "eval/accuracy")
+                 for name, r in rows.items() if any(x.get("flops_data_total") for x in r)}
+    if _plot(out_dir / "accuracy_vs_flops.png", "held-out accuracy vs FLOPs", "FLOPs (student + teacher)",
+             "accuracy (sampled pass@1)", {**flops_curves, **with_data}, levels, dashed=tuple(with_data)):
+        figures.append("accuracy_vs_flops.png")
+    kl_curves = {f"{name} (eval)": _curve(r, "step", "eval/teacher_kl") for name, r in rows.items()}
+    kl_curves.update({f"{name} (training samples)": _curve(r, "step", "teacher_kl") for name, r in rows.items()})
+    if _plot(out_dir / "teacher_kl_vs_step.png", "teacher KL on the student's samples vs step", "step",
+             "nats per token", kl_curves, dashed=tuple(k for k in kl_curves if "training" in k)):
+        figures.append("teacher_kl_vs_step.png")
+
+    table_rows = [f"<tr><td>student start</td><td>{_fmt(comparison['table'][0]['start_accuracy'], '.3f')}</td>"
+                  f"<td></td><td></td><td></td><td></td></tr>",
+                  f"<tr><td>teacher</td><td>{comparison['teacher_accuracy']:.3f}</td><td></td><td></td><td></td>"
+                  f"<td></td></tr>"]
+    for r in comparison["table"]:
+        with_data = r["flops_total_with_data"] > r["flops_total"]
+        flops = _fmt(r["flops_to_target"]) + (f" ({_fmt(r['flops_with_data_to_target'])} with data)"
+                                             if with_data and r["steps_to_target"] is not None else "")
+        total_with_data = f" ({_fmt(r['flops_total_with_data'])} with data)" if with_data else ""
+        table_rows.append(
+            f"<tr><td>{html.escape(r['method'])}</td><td>{_fmt(r['final_accuracy'], '.3f')} "
+            f"(best {_fmt(r['best_accuracy'], '.3f')})</td>"
+            f"<td>{r['steps_to_target'] if r['steps_to_target'] is not None else 'not reached'}</td>"
+            f"<td>{flops}</td><td>{_fmt(r['flops_total'])}"
+            f"{total_with_data}</td>"
+            f"<td>{r['wall_s']:.0f} s</td></tr>")
+    rollouts = [block for name, path in runs.items() for block in _rollouts_html(path, rollouts_shown, name)]
+    body = f"""<h1>opd comparison: {html.escape(", ".join(runs))} from one start</h1>
+<p>folder <code>{html.escape(str(out_dir))}</code>. Same student start, same steps and sequences per step; the
+target is {comparison['target_fraction']:.0%} of the teacher's held-out accuracy.</p>
+<h2 id="table">Results</h2>
+<table><tr><th></th><th>accuracy</th><th>steps to target</th><th>FLOPs to target</th><th>FLOPs in all</th>
+<th>wall time</th></tr>{"".join(table_rows)}</table>
+<h2 id="curves">Curves</h2>
+{_images(figures)}
+<h2 id="rollouts">Rollouts coloured by per-token teacher KL</h2>
+{ROLLOUTS_INTRO}
+{"".join(rollouts) or "<p>no rollouts with teacher scores</p>"}"""
+    out = out_dir / "report.html"
+    out.write_text(_page(f"opd comparison: {out_dir}", body))
     return out

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from opd.cli.main import app
@@ -9,13 +11,37 @@ from opd.cli.main import app
 runner = CliRunner()
 
 
-def test_quick_demo_runs_end_to_end(tmp_path):
-    result = runner.invoke(app, ["demo", "--quick", "--run-dir", str(tmp_path / "demo"), "log.progress=false"])
+def test_quick_demo_compares_three_methods_and_writes_the_report(tmp_path):
+    """The whole demo path on a tiny budget: builds (cached), teacher samples, three runs, the table,
+    comparison.json and report.html with its sections. Not the scientific result."""
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--quick", "--run-dir", str(out), "log.progress=false"])
     assert result.exit_code == 0, result.output
-    assert "teacher KL (sampled, per token)" in result.output and "(4/4 steps)" in result.output
-    rows = [json.loads(line) for line in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
-    assert (tmp_path / "demo" / "checkpoints" / "latest").read_text().strip() == "step_000004"
+    for row in ("student start", "teacher", "distill", "rl", "sft", "steps to", "wall time"):
+        assert row in result.output
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert [r["method"] for r in comparison["table"]] == ["distill", "rl", "sft"]
+    assert comparison["target"] == pytest.approx(0.95 * comparison["teacher_accuracy"])
+    for r in comparison["table"]:
+        evals = [json.loads(line) for line in (out / r["method"] / "metrics.jsonl").read_text().splitlines()
+                 if "eval/accuracy" in line]
+        assert [e["step"] for e in evals] == [0, 2, 4]
+        assert r["start_accuracy"] == comparison["table"][0]["start_accuracy"]  # one start, one eval set
+        assert r["final_accuracy"] == evals[-1]["eval/accuracy"] and r["steps"] == 4
+    sft = comparison["table"][2]
+    # SFT on teacher samples: both accountings, the data's cost is what the teacher paid to write it
+    assert sft["flops_total_with_data"] > sft["flops_total"] > 0
+    assert comparison["table"][0]["flops_total_with_data"] == comparison["table"][0]["flops_total"]
+
+    page = (out / "report.html").read_text()
+    for section in ('id="table"', 'id="curves"', 'id="rollouts"', "accuracy_vs_step.png", "accuracy_vs_flops.png",
+                    "teacher_kl_vs_step.png", 'class="tok"'):
+        assert section in page
+    for png in ("accuracy_vs_step.png", "accuracy_vs_flops.png", "teacher_kl_vs_step.png"):
+        assert (out / png).stat().st_size > 1000
+    # `opd report` on the folder rebuilds the comparison page
+    (out / "report.html").unlink()
+    assert runner.invoke(app, ["report", str(out)]).exit_code == 0 and 'id="table"' in (out / "report.html").read_text()
 
 
 def test_distill_reports_config_errors_by_key(tmp_path):

@@ -1,24 +1,147 @@
-"""The embedded default run: distil a tiny student from a tiny teacher, both built locally.
+"""`opd demo`: on-policy distillation, RL and SFT from the same student start, under the same
+budget, on the built-in arithmetic task; a table and report.html at the end.
 
-For now this is the small end-to-end check of the whole engine (the full demo with RL and SFT
-baselines comes later): a 32-wide student trained for 40 steps on the built-in conversations is
-distilled, on its own samples, from a 64-wide teacher trained for 300 steps.
+1. build (once, cached under $OPD_CACHE) a teacher and a weaker student: tiny Llamas of one shape
+   trained by SFT on the task's reference solutions, the teacher twice as long;
+2. the teacher writes completions for the training prompts (SFT's data, cached with its cost);
+3. from the student start, with the same steps and sequences per step:
+   * distill: the student samples, the teacher's full distribution scores every token (exact
+     per-token reverse KL);
+   * rl: the student samples, the grader rewards each answer, group-centred advantages;
+   * sft: cross-entropy on the teacher's completions (off-policy distillation);
+4. a table: the start, the teacher, each method's final accuracy, the steps and FLOPs at which it
+   first reached 95% of the teacher's accuracy, and its wall time; report.html with the curves.
+
+Accuracy is sampled pass@1 (temperature 1) on held-out problems; greedy accuracy saturates early
+and hides differences between methods. Each method has its own learning rate: RL needs a smaller
+one than the two distillations (with larger ones it collapses: every group scores the same and
+the gradient is zero).
 """
 
 from __future__ import annotations
 
-DEMO_CONFIG = {
-    "run_dir": "runs/demo",
-    "student": {"tiny": {"hidden_size": 32, "num_layers": 2, "seed": 1, "pretrain_steps": 40}},
-    "teacher": {"tiny": {"hidden_size": 64, "num_layers": 2, "seed": 2, "pretrain_steps": 300}},
-    "sampling": {"samples_per_prompt": 4, "max_new_tokens": 24},
-    "loss": {"kind": "sampled_reverse_kl"},
-    "optim": {"lr": 3e-3, "warmup_steps": 5, "schedule": "cosine", "min_lr_ratio": 0.1},
-    "train": {"steps": 60, "prompts_per_step": 8, "micro_batch_size": 16},
-    "eval": {"every": 20},
-    "log": {"rollouts_every": 10, "rollouts_per_step": 8},
-    "checkpoint": {"every": 20},
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from opd.config import load_config
+
+TASK = {"name": "arithmetic", "train_size": 4000, "eval_size": 64,
+        "arithmetic": {"digits": 1, "operations": 2, "operators": "+-"}}
+EVAL = {"samples_per_prompt": 2, "max_new_tokens": 40}
+PROMPTS_PER_STEP, SAMPLES_PER_PROMPT = 16, 4
+
+
+def _build(hidden: int, seed: int, steps: int) -> dict:
+    """SFT of a tiny Llama from random weights on the task's reference solutions (cosine decay of
+    the learning rate). The student is the same shape as the teacher, trained for half as long:
+    it has learned the format and most of the facts, and makes mistakes a teacher can correct."""
+    return {
+        "method": "sft", "run_dir": "unused",
+        "student": {"tiny": {"hidden_size": hidden, "num_layers": 2, "seed": seed}},
+        "task": TASK, "sampling": {"max_new_tokens": 40},
+        "optim": {"lr": 3e-3, "warmup_steps": 20, "schedule": "cosine", "min_lr_ratio": 0.1},
+        "train": {"steps": steps, "prompts_per_step": 32, "micro_batch_size": 32},
+        "eval": {**EVAL, "every": 0}, "checkpoint": {"every": 200},
+    }
+
+
+TEACHER_BUILD = _build(hidden=128, seed=0, steps=1200)
+STUDENT_BUILD = _build(hidden=128, seed=1, steps=600)
+
+# What every method shares: the start, the task, the budget, the evaluation.
+COMMON = {
+    "task": TASK,
+    "sampling": {"samples_per_prompt": SAMPLES_PER_PROMPT, "max_new_tokens": 40},
+    "optim": {"warmup_steps": 10, "schedule": "cosine", "min_lr_ratio": 0.1},
+    "train": {"steps": 150, "prompts_per_step": PROMPTS_PER_STEP, "micro_batch_size": 64},
+    "eval": {**EVAL, "every": 15},
+    "log": {"rollouts_every": 25, "rollouts_per_step": 8},
+    "checkpoint": {"every": 0},
+}
+METHODS = {
+    "distill": {"method": "distill", "loss": {"kind": "reverse_kl"}, "optim": {"lr": 5e-4}},
+    # The teacher only measures eval teacher KL here (kl_coef 0: it is never run in training).
+    "rl": {"method": "rl", "loss": {"kind": "sampled_reverse_kl", "kl_coef": 0.0}, "optim": {"lr": 2e-4}},
+    # As many sequences per step as the on-policy methods sample (prompts x samples).
+    "sft": {"method": "sft", "optim": {"lr": 5e-4},
+            "train": {"prompts_per_step": PROMPTS_PER_STEP * SAMPLES_PER_PROMPT}},
 }
 
-QUICK_OVERRIDES = ["train.steps=4", "eval.every=2", "checkpoint.every=2", "log.rollouts_every=2",
-                   "student.tiny.pretrain_steps=5", "teacher.tiny.pretrain_steps=20", "sampling.max_new_tokens=8"]
+QUICK = {  # a few steps of everything: checks the whole path, not the result
+    "build": ["train.steps=12", "task.train_size=96", "task.eval_size=8", "checkpoint.every=4"],
+    "run": ["train.steps=4", "eval.every=2", "log.rollouts_every=2", "task.train_size=96", "task.eval_size=8",
+            "sampling.max_new_tokens=16", "eval.max_new_tokens=16"],
+}
+
+
+def _merge(*trees: dict) -> dict:
+    from opd.config import _deep_merge
+
+    out: dict = {}
+    for tree in trees:
+        out = _deep_merge(out, tree)
+    return out
+
+
+def run_demo(run_dir: Path, quick: bool = False, overrides: list[str] = (), console: Console | None = None) -> dict:
+    """The whole demo; returns comparison.json's contents. `overrides` (dotted key=value) apply to
+    every method's run; `distill:optim.lr=3e-3` to one of them."""
+    from opd.compare import cached_model, cached_teacher_samples, model_accuracy, run_comparison
+    from opd.report import build_comparison_report
+
+    console = console or Console()
+    build_overrides = QUICK["build"] if quick else []
+    teacher_dir, _ = cached_model(load_config(None, build_overrides, base=TEACHER_BUILD), console, "the teacher")
+    student_dir, _ = cached_model(load_config(None, build_overrides, base=STUDENT_BUILD), console, "the student start")
+
+    shared = [*(QUICK["run"] if quick else []), *(o for o in overrides if ":" not in o.split("=")[0])]
+    base = _merge(COMMON, {"student": {"path": str(student_dir)}, "teacher": {"path": str(teacher_dir)}})
+
+    def method_config(name: str, *more: str):
+        own = [o.split(":", 1)[1] for o in overrides if o.split("=")[0].startswith(name + ":")]
+        return load_config(None, [*shared, *own, *more], base=_merge(base, METHODS[name]))
+
+    runs = {name: method_config(name) for name in METHODS}
+    # SFT's data: the teacher's completions for as many prompts as its steps consume.
+    sft = runs["sft"]
+    needed = -(-sft.train.steps * sft.train.prompts_per_step // sft.sampling.samples_per_prompt)
+    samples, written = cached_teacher_samples(
+        sft.model_copy(update={"task": sft.task.model_copy(update={"train_size": needed})}), console)
+    runs["sft"] = method_config("sft", f"data.completions={samples}")
+
+    teacher_accuracy = model_accuracy(runs["distill"], runs["distill"].teacher)
+    console.print(f"teacher accuracy on the held-out problems: {teacher_accuracy:.3f}; "
+                  f"target (95%): {0.95 * teacher_accuracy:.3f}")
+    comparison = run_comparison(run_dir, runs, teacher_accuracy, extra_seconds={"sft": written["seconds"]},
+                                console=console,
+                                notes={"teacher_samples": {"path": str(samples), **written},
+                                       "teacher": str(teacher_dir), "student_start": str(student_dir)})
+    report = build_comparison_report(run_dir)
+    print_comparison(comparison, console)
+    console.print(f"report: {report}")
+    return comparison
+
+
+def print_comparison(comparison: dict, console: Console) -> None:
+    target = comparison["target"]
+    table = Table(title=f"one student start, one budget; target: 95% of the teacher = {target:.3f}")
+    for column in ("", "accuracy", "best", "steps to target", "FLOPs to target", "FLOPs", "wall time"):
+        table.add_column(column, justify="right" if column else "left")
+    rows = comparison["table"]
+    table.add_row("student start", f"{rows[0]['start_accuracy']:.3f}")
+    table.add_row("teacher", f"{comparison['teacher_accuracy']:.3f}")
+    for r in rows:
+        reached = r["steps_to_target"] is not None
+        table.add_row(r["method"], f"{r['final_accuracy']:.3f}", f"{r['best_accuracy']:.3f}",
+                      str(r["steps_to_target"]) if reached else "not reached",
+                      f"{r['flops_to_target']:.2e}" if reached else "-", f"{r['flops_total']:.2e}", f"{r['wall_s']:.0f} s")
+        if r["flops_total_with_data"] > r["flops_total"]:  # SFT on teacher samples: the data's cost paid too
+            table.add_row(f"  {r['method']}, data paid", "", "", "",
+                          f"{r['flops_with_data_to_target']:.2e}" if reached else "-",
+                          f"{r['flops_total_with_data']:.2e}", "")
+    console.print(table)
+    console.print("accuracy: sampled pass@1 on held-out problems; FLOPs: student + teacher, training steps only "
+                  "(\"data paid\" adds the teacher's sampling of SFT's data); wall time: training steps, SFT's "
+                  "including the teacher's sampling")

@@ -195,21 +195,18 @@ def demo(
     run_dir: Path = typer.Option(Path("runs/demo"), "--run-dir"),
     overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value settings"),
 ):
-    """The embedded default: a tiny student distilled from a tiny teacher, both built locally."""
-    from opd.cli.demo import DEMO_CONFIG, QUICK_OVERRIDES
+    """The embedded default: on-policy distillation, RL and SFT from one tiny student, same budget
+    (arithmetic; teacher and student built locally, cached after the first run)."""
+    from opd.cli.demo import run_demo
 
     if run_dir.exists():  # the demo always starts afresh
         shutil.rmtree(run_dir)
+    console.print("[bold]opd demo[/bold]: distillation vs RL vs SFT from the same tiny student, on held-out "
+                  "arithmetic (teacher and student are built once, then cached)")
     try:
-        cfg = load_config(None, [f"run_dir={run_dir}", *(QUICK_OVERRIDES if quick else []), *(overrides or [])],
-                          base=DEMO_CONFIG)
-    except ConfigError as err:
+        run_demo(run_dir, quick, overrides or [], console)
+    except _user_errors() as err:
         raise _fail(err)
-    console.print("[bold]opd demo[/bold]: building a tiny teacher and student (cached after the first run), "
-                  "then distilling on-policy")
-    summary = _run(cfg, resume=False)
-    _print_summary(summary)
-    _print_samples(run_dir)
 
 
 def _print_summary(summary: dict) -> None:
@@ -232,17 +229,6 @@ def _print_summary(summary: dict) -> None:
     with_data = (f" (+{summary['flops_data_total']:.3g} to write the data)" if summary.get("flops_data_total") else "")
     console.print(f"tokens trained: {summary['tokens_trained_total']:,}   FLOPs: {summary['flops_total']:.3g}{with_data}"
                   f"   wall time in steps: {summary['wall_s_total']:.1f} s   metrics: {summary['run_dir']}/metrics.jsonl")
-
-
-def _print_samples(run_dir: Path) -> None:
-    files = sorted((run_dir / "rollouts").glob("step_*.jsonl"))
-    if len(files) < 2:
-        return
-    for path in (files[0], files[-1]):
-        record = json.loads(path.read_text().splitlines()[0])
-        kl = sum(record["teacher_kl"]) / max(len(record["teacher_kl"]), 1)
-        console.print(f"[dim]{path.stem}[/dim] {record['prompt']!r} -> {record['completion']!r}  "
-                      f"[dim](teacher KL {kl:.2f}/token)[/dim]")
 
 
 if __name__ == "__main__":

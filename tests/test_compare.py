@@ -1,0 +1,45 @@
+"""Comparisons of methods: the target is the first evaluation at or above it, with its FLOPs."""
+
+import json
+
+from opd.compare import config_key, method_row, reach
+from opd.config import load_config
+
+
+def _rows(accuracies, flops_per_step=10.0, data_per_step=0.0):
+    return [{"step": 5 * i, "eval/accuracy": a, "flops_total": 5 * i * flops_per_step,
+             "flops_total_with_data": 5 * i * (flops_per_step + data_per_step)} for i, a in enumerate(accuracies)]
+
+
+def test_reach_is_the_first_evaluation_at_or_above_the_target():
+    rows = _rows([0.2, 0.5, 0.79, 0.8, 0.7, 0.9], data_per_step=30.0)
+    reached = reach(rows, 0.8)
+    assert (reached.step, reached.flops, reached.flops_with_data) == (15, 150.0, 600.0)
+    assert reach(rows, 0.95) is None
+    assert reach(rows, 0.1).step == 0  # a start already at the target counts at step 0
+
+
+def test_method_row_reads_a_finished_run(tmp_path):
+    run = tmp_path / "rl"
+    run.mkdir()
+    rows = _rows([0.3, 0.6, 0.5])
+    lines = rows[:1] + [{"step": 3, "loss": 1.0}] + rows[1:]  # training rows without evaluation are skipped
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (run / "summary.json").write_text(json.dumps({"steps_done": 10, "flops_total": 100.0,
+                                                  "flops_total_with_data": 100.0, "wall_s_total": 7.0}))
+    row = method_row("rl", run, target=0.55, extra_seconds=2.0)
+    assert row["start_accuracy"] == 0.3 and row["final_accuracy"] == 0.5 and row["best_accuracy"] == 0.6
+    assert row["steps_to_target"] == 5 and row["flops_to_target"] == 50.0 and row["wall_s"] == 9.0
+    assert method_row("rl", run, target=0.7)["steps_to_target"] is None
+
+
+def test_cache_keys_ignore_where_a_run_is_written_but_not_what_it_computes():
+    base = ["method=sft", "student.tiny.hidden_size=32", "task.name=arithmetic"]
+    a = load_config(None, [*base, "run_dir=a", "log.progress=false"])
+    b = load_config(None, [*base, "run_dir=b"])
+    c = load_config(None, [*base, "run_dir=a", "optim.lr=1e-3"])
+    assert config_key(a) == config_key(b) != config_key(c)
+    # teacher samples depend on the teacher, the task and the sampling, not on the student
+    d = load_config(None, [*base, "student.tiny.hidden_size=64"])
+    assert config_key(a, only=("teacher", "task", "sampling", "data")) == \
+        config_key(d, only=("teacher", "task", "sampling", "data"))
