@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from opd.cli.demo import COMMON, METHODS, STUDENT_BUILD, TEACHER_BUILD, _merge
-from opd.compare import cached_model, cached_teacher_samples, model_accuracy, run_comparison
+from opd.cli.demo import STUDENT_BUILD, TEACHER_BUILD, method_config
+from opd.compare import cached_model, model_accuracy, run_comparison, sft_on_teacher_samples
 from opd.config import load_config
 from opd.report import build_comparison_report
 
@@ -42,23 +42,13 @@ def demo_models() -> tuple[Path, Path]:
     return teacher, student
 
 
-def method(name: str, student: Path, teacher: Path | None, *overrides: str, tree: dict | None = None):
-    base = _merge(COMMON, {"student": {"path": str(student)}}, METHODS[name], tree or {})
-    if teacher is not None:
-        base["teacher"] = {"path": str(teacher)}
-    return load_config(None, list(overrides), base=base)
-
-
-def with_teacher_samples(sft_cfg, *overrides: str):
-    """SFT's data: the teacher's completions for as many prompts as the run consumes."""
-    needed = -(-sft_cfg.train.steps * sft_cfg.train.prompts_per_step // sft_cfg.sampling.samples_per_prompt)
-    samples, written = cached_teacher_samples(
-        sft_cfg.model_copy(update={"task": sft_cfg.task.model_copy(update={"train_size": needed})}), console)
-    return sft_cfg.model_copy(update={"data": sft_cfg.data.model_copy(update={"completions": str(samples)})}), written
-
-
 # ----------------------------------------------------------------------------------------------
 # The experiments: each returns (teacher accuracy, {name: config}, extra seconds per run)
+
+
+def budget(steps: int, seed: int) -> list[str]:
+    """Overrides every run of an experiment shares: its length, its seed, ten evaluations."""
+    return [f"train.steps={steps}", f"train.seed={seed}", f"eval.every={max(steps // 10, 1)}"]
 
 
 def rl_vs_distill(seed: int, steps: int):
@@ -66,16 +56,10 @@ def rl_vs_distill(seed: int, steps: int):
     distillation from that teacher, back into the same start, is timed against the RL run itself
     (a fresh RL run with another seed, so the curve is not the teacher's own)."""
     _, student = demo_models()
-    rl_steps = 2 * steps
-    teacher_cfg = method("rl", student, None, f"train.steps={rl_steps}", "train.seed=1000",
-                         f"eval.every={max(rl_steps // 10, 1)}")
-    rl_teacher, _ = cached_model(teacher_cfg, console, "the RL-trained teacher")
-    runs = {
-        "rl": method("rl", student, rl_teacher, f"train.steps={rl_steps}", f"train.seed={seed}",
-                     f"eval.every={max(rl_steps // 10, 1)}"),
-        "distill": method("distill", student, rl_teacher, f"train.steps={steps}", f"train.seed={seed}",
-                          f"eval.every={max(steps // 10, 1)}"),
-    }
+    rl_teacher, _ = cached_model(method_config("rl", student, None, budget(2 * steps, seed=1000)), console,
+                                 "the RL-trained teacher")
+    runs = {"rl": method_config("rl", student, rl_teacher, budget(2 * steps, seed)),
+            "distill": method_config("distill", student, rl_teacher, budget(steps, seed))}
     return model_accuracy(runs["distill"], runs["distill"].teacher), runs, {}
 
 
@@ -83,9 +67,8 @@ def sft_vs_distill(seed: int, steps: int):
     """SFT on teacher samples (off-policy distillation) vs on-policy distillation from the same
     start, to the same accuracy: FLOPs with the SFT data given, and with its sampling paid."""
     teacher, student = demo_models()
-    common = (f"train.steps={steps}", f"train.seed={seed}", f"eval.every={max(steps // 10, 1)}")
-    sft, written = with_teacher_samples(method("sft", student, teacher, *common))
-    runs = {"distill": method("distill", student, teacher, *common), "sft": sft}
+    sft, written = sft_on_teacher_samples(method_config("sft", student, teacher, budget(steps, seed)), console)
+    runs = {"distill": method_config("distill", student, teacher, budget(steps, seed)), "sft": sft}
     return model_accuracy(runs["distill"], runs["distill"].teacher), runs, {"sft": written["seconds"]}
 
 
@@ -93,9 +76,9 @@ def single_prompt(seed: int, steps: int):
     """One training prompt, 20 steps x 64 samples, evaluated on the held-out problems (blog: a
     single prompt trained 20 steps x 256 samples nearly matches the teacher)."""
     teacher, student = demo_models()
-    runs = {"distill (1 prompt)": method("distill", student, teacher, "task.train_size=1", "train.prompts_per_step=1",
-                                         "sampling.samples_per_prompt=64", "train.steps=20", "eval.every=2",
-                                         f"train.seed={seed}")}
+    one_prompt = ["task.train_size=1", "train.prompts_per_step=1", "sampling.samples_per_prompt=64", "eval.every=2"]
+    runs = {"distill (1 prompt)": method_config("distill", student, teacher,
+                                                [f"train.steps={steps}", f"train.seed={seed}", *one_prompt])}
     return model_accuracy(runs["distill (1 prompt)"], runs["distill (1 prompt)"].teacher), runs, {}
 
 
@@ -103,13 +86,12 @@ def lora_vs_full(seed: int, steps: int):
     """Full fine-tuning vs LoRA (rank 8), after SFT on teacher samples and after on-policy
     distillation (blog: the gap shrinks from 13 points after SFT to 6 after distillation)."""
     teacher, student = demo_models()
-    common = (f"train.steps={steps}", f"train.seed={seed}", f"eval.every={max(steps // 10, 1)}")
     lora = {"student": {"lora": {"rank": 8, "alpha": 16}}, "optim": {"lr": 3e-3}}
-    sft_full, written = with_teacher_samples(method("sft", student, teacher, *common))
-    sft_lora, _ = with_teacher_samples(method("sft", student, teacher, *common, tree=lora))
+    sft_full, written = sft_on_teacher_samples(method_config("sft", student, teacher, budget(steps, seed)), console)
+    sft_lora, _ = sft_on_teacher_samples(method_config("sft", student, teacher, budget(steps, seed), lora), console)
     runs = {"sft full": sft_full, "sft lora": sft_lora,
-            "distill full": method("distill", student, teacher, *common),
-            "distill lora": method("distill", student, teacher, *common, tree=lora)}
+            "distill full": method_config("distill", student, teacher, budget(steps, seed)),
+            "distill lora": method_config("distill", student, teacher, budget(steps, seed), lora)}
     return (model_accuracy(runs["distill full"], runs["distill full"].teacher), runs,
             {"sft full": written["seconds"], "sft lora": written["seconds"]})
 

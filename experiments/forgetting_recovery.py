@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ import torch
 import transformers
 from rich.console import Console
 
+from compare_methods import spread  # a sibling script: mean, std and count over seeds
 from opd.compare import cached_model, cached_teacher_samples
 from opd.config import TaskConfig, load_config
 from opd.models import cache_root, packaged_gguf
@@ -272,9 +272,7 @@ def aggregate(per_seed: list[dict]) -> dict:
     for stage in per_seed[0]["stages"]:
         out[stage] = {}
         for metric in ("instruction", "knowledge"):
-            values = [s["stages"][stage][metric] for s in per_seed]
-            out[stage][metric] = {"mean": statistics.fmean(values),
-                                  "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+            out[stage][metric] = spread([s["stages"][stage][metric] for s in per_seed])
     return out
 
 

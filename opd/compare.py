@@ -3,6 +3,7 @@
 
     cached_model(cfg)            a run trained once and cached: returns its final model directory
     cached_teacher_samples(cfg)  teacher completions written once and cached (SFT's data)
+    sft_on_teacher_samples(cfg)  an SFT config pointed at as many teacher completions as it trains on
     model_accuracy(cfg, model)   pass@1 of any model on cfg's eval prompts, with cfg's eval settings
     run_comparison(...)          each method's run in out_dir/<name>, then comparison.json and a table
     reach(rows, target)          the first evaluation at accuracy >= target: its step and FLOPs
@@ -27,6 +28,7 @@ from opd.models import cache_root
 
 # Keys that do not change what a run computes: left out of cache keys.
 _COSMETIC = ("run_dir", "log", "checkpoint")
+TARGET_FRACTION = 0.95  # of the teacher's accuracy: what "reaching the teacher" means in a comparison
 
 
 def config_key(cfg: RunConfig, *extra, only: tuple[str, ...] = ()) -> str:
@@ -84,6 +86,17 @@ def cached_teacher_samples(cfg: RunConfig, console: Console | None = None) -> tu
     return target, json.loads(info_path.read_text())
 
 
+def sft_on_teacher_samples(sft_cfg: RunConfig, console: Console | None = None) -> tuple[RunConfig, dict]:
+    """`sft_cfg` training on teacher completions (off-policy distillation): the teacher answers as
+    many training prompts, `sampling.samples_per_prompt` times each, as the run's steps consume.
+    Returns the config with data.completions set, and what writing the samples cost."""
+    per_prompt = sft_cfg.sampling.samples_per_prompt
+    needed = -(-sft_cfg.train.steps * sft_cfg.train.prompts_per_step // per_prompt)  # ceiling
+    samples, written = cached_teacher_samples(
+        sft_cfg.model_copy(update={"task": sft_cfg.task.model_copy(update={"train_size": needed})}), console)
+    return sft_cfg.model_copy(update={"data": sft_cfg.data.model_copy(update={"completions": str(samples)})}), written
+
+
 def model_accuracy(cfg: RunConfig, model: ModelConfig) -> float:
     """pass@1 of `model` on cfg's eval prompts, sampled exactly as the runs'
     evaluations are (same prompts, seed, k and length), so it is comparable with their curves."""
@@ -112,8 +125,9 @@ class Reached:
 
 
 def eval_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if "eval/accuracy" in r]
+    from opd.report import read_jsonl
+
+    return [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "eval/accuracy" in r]
 
 
 def reach(rows: list[dict], target: float) -> Reached | None:
@@ -147,7 +161,8 @@ def method_row(name: str, run_dir: Path, target: float, extra_seconds: float = 0
     }
 
 
-def run_comparison(out_dir: Path, runs: dict[str, RunConfig], teacher_accuracy: float, target_fraction: float = 0.95,
+def run_comparison(out_dir: Path, runs: dict[str, RunConfig], teacher_accuracy: float,
+                   target_fraction: float = TARGET_FRACTION,
                    extra_seconds: dict[str, float] | None = None, console: Console | None = None,
                    notes: dict | None = None) -> dict:
     """Train every config into out_dir/<name> and write out_dir/comparison.json: per method,

@@ -40,7 +40,7 @@ def coloured_rollout(record: dict) -> str:
 
 
 def _plot(path: Path, title: str, xlabel: str, ylabel: str, curves: dict[str, tuple[list, list]],
-          levels: dict[str, float] | None = None, dashed: tuple[str, ...] = (), log_x: bool = False) -> bool:
+          levels: dict[str, float] | None = None, dashed: tuple[str, ...] = ()) -> bool:
     """A line plot of `curves`; `levels` are horizontal reference lines (e.g. the teacher)."""
     curves = {label: xy for label, xy in curves.items() if xy[0]}
     if not curves:
@@ -57,8 +57,6 @@ def _plot(path: Path, title: str, xlabel: str, ylabel: str, curves: dict[str, tu
         ax.axhline(y, color="grey", linestyle=":", linewidth=1)
         ax.annotate(label, (0.01, y), xycoords=("axes fraction", "data"), fontsize=7, color="grey",
                     va="bottom")
-    if log_x:
-        ax.set_xscale("log")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

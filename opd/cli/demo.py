@@ -25,7 +25,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from opd.config import load_config
+from opd.config import RunConfig, load_config
 
 TASK = {"name": "arithmetic", "train_size": 4000, "eval_size": 64,
         "arithmetic": {"digits": 1, "operations": 2, "operators": "+-"}}
@@ -85,10 +85,19 @@ def _merge(*trees: dict) -> dict:
     return out
 
 
+def method_config(name: str, student_dir: Path, teacher_dir: Path | None, overrides: list[str] = (),
+                  tree: dict | None = None) -> RunConfig:
+    """One method's run from a start: COMMON, then METHODS[name], then `tree`, then `overrides`."""
+    base = _merge(COMMON, {"student": {"path": str(student_dir)}}, METHODS[name], tree or {})
+    if teacher_dir is not None:
+        base["teacher"] = {"path": str(teacher_dir)}
+    return load_config(None, list(overrides), base=base)
+
+
 def run_demo(run_dir: Path, quick: bool = False, overrides: list[str] = (), console: Console | None = None) -> dict:
     """The whole demo; returns comparison.json's contents. `overrides` (dotted key=value) apply to
     every method's run; `distill:optim.lr=3e-3` to one of them."""
-    from opd.compare import cached_model, cached_teacher_samples, model_accuracy, run_comparison
+    from opd.compare import TARGET_FRACTION, cached_model, model_accuracy, run_comparison, sft_on_teacher_samples
     from opd.report import build_comparison_report
 
     console = console or Console()
@@ -97,27 +106,19 @@ def run_demo(run_dir: Path, quick: bool = False, overrides: list[str] = (), cons
     student_dir, _ = cached_model(load_config(None, build_overrides, base=STUDENT_BUILD), console, "the student start")
 
     shared = [*(QUICK["run"] if quick else []), *(o for o in overrides if ":" not in o.split("=")[0])]
-    base = _merge(COMMON, {"student": {"path": str(student_dir)}, "teacher": {"path": str(teacher_dir)}})
-
-    def method_config(name: str, *more: str):
-        own = [o.split(":", 1)[1] for o in overrides if o.split("=")[0].startswith(name + ":")]
-        return load_config(None, [*shared, *own, *more], base=_merge(base, METHODS[name]))
-
-    runs = {name: method_config(name) for name in METHODS}
-    # SFT's data: the teacher's completions for as many prompts as its steps consume.
-    sft = runs["sft"]
-    needed = -(-sft.train.steps * sft.train.prompts_per_step // sft.sampling.samples_per_prompt)
-    samples, written = cached_teacher_samples(
-        sft.model_copy(update={"task": sft.task.model_copy(update={"train_size": needed})}), console)
-    runs["sft"] = method_config("sft", f"data.completions={samples}")
+    runs = {name: method_config(name, student_dir, teacher_dir,
+                                [*shared, *(o.split(":", 1)[1] for o in overrides
+                                            if o.split("=")[0].startswith(name + ":"))])
+            for name in METHODS}
+    runs["sft"], written = sft_on_teacher_samples(runs["sft"], console)
 
     teacher_accuracy = model_accuracy(runs["distill"], runs["distill"].teacher)
     console.print(f"teacher accuracy on the held-out problems: {teacher_accuracy:.3f}; "
-                  f"target (95%): {0.95 * teacher_accuracy:.3f}")
+                  f"target ({TARGET_FRACTION:.0%}): {TARGET_FRACTION * teacher_accuracy:.3f}")
     comparison = run_comparison(run_dir, runs, teacher_accuracy, extra_seconds={"sft": written["seconds"]},
                                 console=console,
-                                notes={"teacher_samples": {"path": str(samples), **written},
-                                       "teacher": str(teacher_dir), "student_start": str(student_dir)})
+                                notes={"teacher_samples": written, "teacher": str(teacher_dir),
+                                       "student_start": str(student_dir)})
     report = build_comparison_report(run_dir)
     print_comparison(comparison, console)
     console.print(f"report: {report}")
@@ -126,7 +127,8 @@ def run_demo(run_dir: Path, quick: bool = False, overrides: list[str] = (), cons
 
 def print_comparison(comparison: dict, console: Console) -> None:
     target = comparison["target"]
-    table = Table(title=f"one student start, one budget; target: 95% of the teacher = {target:.3f}")
+    table = Table(title=f"one student start, one budget; target: {comparison['target_fraction']:.0%} of the "
+                        f"teacher = {target:.3f}")
     for column in ("", "accuracy", "best", "steps to target", "FLOPs to target", "FLOPs", "wall time"):
         table.add_column(column, justify="right" if column else "left")
     rows = comparison["table"]

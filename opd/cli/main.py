@@ -164,7 +164,6 @@ def tasks(
     overrides: Optional[List[str]] = typer.Argument(None, help="task settings, e.g. task.arithmetic.digits=3"),
 ):
     """Write a built-in task's prompts (with reference answers) or documents to JSONL."""
-    from opd.config import TaskConfig
     from opd.tasks import documents as task_documents, make_records
 
     try:
