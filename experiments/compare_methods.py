@@ -28,7 +28,7 @@ import torch
 from rich.console import Console
 
 from opd.cli.demo import STUDENT_BUILD, TEACHER_BUILD, method_config
-from opd.compare import cached_model, model_accuracy, run_comparison, sft_on_teacher_samples
+from opd.compare import add_common_target, cached_model, model_accuracy, run_comparison, sft_on_teacher_samples
 from opd.config import load_config
 from opd.report import build_comparison_report
 
@@ -74,11 +74,13 @@ def sft_vs_distill(seed: int, steps: int):
 
 def single_prompt(seed: int, steps: int):
     """One training prompt, 20 steps x 64 samples, evaluated on the held-out problems (blog: a
-    single prompt trained 20 steps x 256 samples nearly matches the teacher)."""
+    single prompt trained 20 steps x 256 samples nearly matches the teacher), next to the demo's
+    distillation (16 prompts x 4 samples per step) for the same steps and sequences."""
     teacher, student = demo_models()
-    one_prompt = ["task.train_size=1", "train.prompts_per_step=1", "sampling.samples_per_prompt=64", "eval.every=2"]
-    runs = {"distill (1 prompt)": method_config("distill", student, teacher,
-                                                [f"train.steps={steps}", f"train.seed={seed}", *one_prompt])}
+    every = ["eval.every=2", f"train.steps={steps}", f"train.seed={seed}"]
+    one_prompt = ["task.train_size=1", "train.prompts_per_step=1", "sampling.samples_per_prompt=64"]
+    runs = {"distill (1 prompt)": method_config("distill", student, teacher, [*every, *one_prompt]),
+            "distill (16 prompts x 4)": method_config("distill", student, teacher, every)}
     return model_accuracy(runs["distill (1 prompt)"], runs["distill (1 prompt)"].teacher), runs, {}
 
 
@@ -114,6 +116,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the experiment's)")
     parser.add_argument("--out", type=Path, default=Path("runs/experiments"))
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="train nothing: rewrite the results file from the seeds' comparison.json already in --out")
     args = parser.parse_args()
     build, default_steps = EXPERIMENTS[args.experiment]
     steps = args.steps or default_steps
@@ -121,25 +125,35 @@ def main() -> None:
     per_seed = []
     started = time.time()
     for seed in range(args.seeds):
-        teacher_accuracy, runs, extra = build(seed, steps)
         out = args.out / args.experiment / f"seed_{seed}"
-        comparison = run_comparison(out, runs, teacher_accuracy, extra_seconds=extra, console=console)
-        build_comparison_report(out)
+        if args.summarize_only:
+            comparison = json.loads((out / "comparison.json").read_text())
+            comparison["common_target"] = add_common_target(comparison["table"])  # recomputed from the runs' files
+        else:
+            teacher_accuracy, runs, extra = build(seed, steps)
+            comparison = run_comparison(out, runs, teacher_accuracy, extra_seconds=extra, console=console)
+            build_comparison_report(out)
         per_seed.append(comparison)
         console.print(f"seed {seed}: " + ", ".join(
             f"{r['method']} final {r['final_accuracy']:.3f} reached at {r['steps_to_target']}" for r in comparison["table"]))
 
     names = [r["method"] for r in per_seed[0]["table"]]
     fields = ("start_accuracy", "final_accuracy", "best_accuracy", "steps_to_target", "flops_to_target",
-              "flops_with_data_to_target", "flops_total", "flops_total_with_data", "wall_s")
+              "flops_with_data_to_target", "steps_to_common", "flops_to_common", "flops_with_data_to_common",
+              "flops_total", "flops_total_with_data", "wall_s")
+    previous = json.loads((RESULTS / f"{args.experiment}.json").read_text()) if args.summarize_only else {}
+    command = " ".join([".venv/bin/python", "experiments/compare_methods.py",
+                        *(a for a in sys.argv[1:] if a != "--summarize-only")])
     summary = {
         "experiment": args.experiment,
-        "command": " ".join([".venv/bin/python", "experiments/compare_methods.py", *sys.argv[1:]]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
-        "seconds": time.time() - started,
+        # a summary of runs made earlier keeps the command, machine and time of the run that made them
+        "command": previous.get("command", command),
+        "machine": previous.get("machine", {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                            "torch": torch.__version__, "threads": torch.get_num_threads()}),
+        "seconds": previous.get("seconds", time.time() - started),
         "teacher_accuracy": spread([c["teacher_accuracy"] for c in per_seed]),
         "target_fraction": per_seed[0]["target_fraction"],
+        "common_target": spread([c["common_target"] for c in per_seed]),
         "methods": {name: {
             **{f: spread([next(r for r in c["table"] if r["method"] == name)[f] for c in per_seed]) for f in fields},
             "reached": sum(next(r for r in c["table"] if r["method"] == name)["steps_to_target"] is not None

@@ -53,10 +53,11 @@ def _plot(path: Path, title: str, xlabel: str, ylabel: str, curves: dict[str, tu
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     for label, (xs, ys) in curves.items():
         ax.plot(xs, ys, marker="o", markersize=3, label=label, linestyle="--" if label in dashed else "-")
-    for label, y in (levels or {}).items():
+    for i, (label, y) in enumerate((levels or {}).items()):
         ax.axhline(y, color="grey", linestyle=":", linewidth=1)
-        ax.annotate(label, (0.01, y), xycoords=("axes fraction", "data"), fontsize=7, color="grey",
-                    va="bottom")
+        # every other label on the right, so that two close levels do not print over each other
+        ax.annotate(label, (0.01 if i % 2 == 0 else 0.99, y), xycoords=("axes fraction", "data"), fontsize=7,
+                    color="grey", va="bottom", ha="left" if i % 2 == 0 else "right")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -176,6 +177,8 @@ def build_comparison_report(out_dir: str | Path, rollouts_shown: int = 4) -> Pat
     rows = {name: read_jsonl(path / "metrics.jsonl") for name, path in runs.items()}
     levels = {f"teacher {comparison['teacher_accuracy']:.3f}": comparison["teacher_accuracy"],
               f"target {comparison['target']:.3f}": comparison["target"]}
+    if comparison.get("common_target") is not None:
+        levels[f"common {comparison['common_target']:.3f}"] = comparison["common_target"]
 
     figures = []
     if _plot(out_dir / "accuracy_vs_step.png", "held-out accuracy vs step", "step", "accuracy (sampled pass@1)",
@@ -193,29 +196,41 @@ def build_comparison_report(out_dir: str | Path, rollouts_shown: int = 4) -> Pat
              "nats per token", kl_curves, dashed=tuple(k for k in kl_curves if "training" in k)):
         figures.append("teacher_kl_vs_step.png")
 
+    common = comparison.get("common_target")  # absent in folders written before it existed
+    blank = "<td></td>" * (4 if common is None else 6)
     table_rows = [f"<tr><td>student start</td><td>{_fmt(comparison['table'][0]['start_accuracy'], '.3f')}</td>"
-                  f"<td></td><td></td><td></td><td></td></tr>",
-                  f"<tr><td>teacher</td><td>{comparison['teacher_accuracy']:.3f}</td><td></td><td></td><td></td>"
-                  f"<td></td></tr>"]
+                  f"{blank}</tr>",
+                  f"<tr><td>teacher</td><td>{comparison['teacher_accuracy']:.3f}</td>{blank}</tr>"]
     for r in comparison["table"]:
         with_data = r["flops_total_with_data"] > r["flops_total"]
-        flops = _fmt(r["flops_to_target"]) + (f" ({_fmt(r['flops_with_data_to_target'])} with data)"
-                                             if with_data and r["steps_to_target"] is not None else "")
+
+        def reached(suffix: str) -> str:
+            if r.get(f"steps_to_{suffix}") is None:
+                return "<td>not reached</td><td></td>"
+            flops = _fmt(r[f"flops_to_{suffix}"])
+            if with_data:
+                flops += f" ({_fmt(r[f'flops_with_data_to_{suffix}'])} with data)"
+            return f"<td>{r[f'steps_to_{suffix}']}</td><td>{flops}</td>"
+
         total_with_data = f" ({_fmt(r['flops_total_with_data'])} with data)" if with_data else ""
         table_rows.append(
             f"<tr><td>{html.escape(r['method'])}</td><td>{_fmt(r['final_accuracy'], '.3f')} "
-            f"(best {_fmt(r['best_accuracy'], '.3f')})</td>"
-            f"<td>{r['steps_to_target'] if r['steps_to_target'] is not None else 'not reached'}</td>"
-            f"<td>{flops}</td><td>{_fmt(r['flops_total'])}"
-            f"{total_with_data}</td>"
-            f"<td>{r['wall_s']:.0f} s</td></tr>")
+            f"(best {_fmt(r['best_accuracy'], '.3f')})</td>{reached('target')}"
+            f"{reached('common') if common is not None else ''}"
+            f"<td>{_fmt(r['flops_total'])}{total_with_data}</td><td>{r['wall_s']:.0f} s</td></tr>")
+    common_head = ("" if common is None else
+                   f"<th>steps to {common:.3f}</th><th>FLOPs to {common:.3f}</th>")
+    common_text = ("" if common is None else
+                   f" {common:.3f} is the highest accuracy that every method reached (the lowest of their best "
+                   "evaluations): the steps and FLOPs to it compare the methods at one accuracy even when "
+                   "none reaches the target.")
     rollouts = [block for name, path in runs.items() for block in _rollouts_html(path, rollouts_shown, name)]
     body = f"""<h1>opd comparison: {html.escape(", ".join(runs))} from one start</h1>
 <p>folder <code>{html.escape(str(out_dir))}</code>. Same student start, same steps and sequences per step; the
-target is {comparison['target_fraction']:.0%} of the teacher's held-out accuracy.</p>
+target is {comparison['target_fraction']:.0%} of the teacher's held-out accuracy.{common_text}</p>
 <h2 id="table">Results</h2>
-<table><tr><th></th><th>accuracy</th><th>steps to target</th><th>FLOPs to target</th><th>FLOPs in all</th>
-<th>wall time</th></tr>{"".join(table_rows)}</table>
+<table><tr><th></th><th>accuracy</th><th>steps to target</th><th>FLOPs to target</th>{common_head}
+<th>FLOPs in all</th><th>wall time</th></tr>{"".join(table_rows)}</table>
 <h2 id="curves">Curves</h2>
 {_images(figures)}
 <h2 id="rollouts">Rollouts coloured by per-token teacher KL</h2>

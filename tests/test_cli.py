@@ -32,6 +32,9 @@ def test_quick_demo_compares_three_methods_and_writes_the_report(tmp_path):
     # SFT on teacher samples: both accountings, the data's cost is what the teacher paid to write it
     assert sft["flops_total_with_data"] > sft["flops_total"] > 0
     assert comparison["table"][0]["flops_total_with_data"] == comparison["table"][0]["flops_total"]
+    # the common accuracy is the lowest best: every method reached it, the weakest at its best evaluation
+    assert comparison["common_target"] == min(r["best_accuracy"] for r in comparison["table"])
+    assert all(r["steps_to_common"] is not None for r in comparison["table"])
 
     page = (out / "report.html").read_text()
     for section in ('id="table"', 'id="curves"', 'id="rollouts"', "accuracy_vs_step.png", "accuracy_vs_flops.png",

@@ -2,7 +2,7 @@
 
 import json
 
-from opd.compare import config_key, method_row, reach
+from opd.compare import add_common_target, config_key, method_row, reach
 from opd.config import load_config
 
 
@@ -43,3 +43,19 @@ def test_cache_keys_ignore_where_a_run_is_written_but_not_what_it_computes():
     d = load_config(None, [*base, "student.tiny.hidden_size=64"])
     assert config_key(a, only=("teacher", "task", "sampling", "data")) == \
         config_key(d, only=("teacher", "task", "sampling", "data"))
+
+
+def test_common_target_is_the_highest_accuracy_every_method_reached(tmp_path):
+    table = []
+    for name, accuracies in {"fast": [0.3, 0.6, 0.7], "slow": [0.3, 0.4, 0.5, 0.55]}.items():
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(accuracies)))
+        (run / "summary.json").write_text(json.dumps({"steps_done": 15, "flops_total": 150.0,
+                                                      "flops_total_with_data": 150.0, "wall_s_total": 1.0}))
+        table.append(method_row(name, run, target=0.9))
+    assert add_common_target(table) == 0.55  # the slow method's best
+    fast, slow = table
+    assert (fast["steps_to_common"], fast["flops_to_common"]) == (5, 50.0)
+    assert (slow["steps_to_common"], slow["flops_to_common"]) == (15, 150.0)
+    assert fast["steps_to_target"] is None and slow["steps_to_target"] is None
