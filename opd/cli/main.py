@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import List, Optional
@@ -29,6 +30,14 @@ from opd.config import METHODS, ConfigError, load_config
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="On-policy distillation of language models.")
 console = Console()
+
+
+@app.callback()
+def _quiet_hub_progress_bars() -> None:
+    # opd draws its own progress bars; without this, transformers adds one line per model load
+    # and checkpoint save ("Loading weights", "Writing model shards"). Read when transformers is
+    # imported, which the commands do later; a user's own setting wins.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 errors = Console(stderr=True, soft_wrap=True)  # an error message is never broken across lines
 
 
