@@ -138,6 +138,7 @@ def main() -> None:
             f"{r['method']} final {r['final_accuracy']:.3f} reached at {r['steps_to_target']}" for r in comparison["table"]))
 
     names = [r["method"] for r in per_seed[0]["table"]]
+    rows = {name: [next(r for r in c["table"] if r["method"] == name) for c in per_seed] for name in names}
     fields = ("start_accuracy", "final_accuracy", "best_accuracy", "steps_to_target", "flops_to_target",
               "flops_with_data_to_target", "steps_to_common", "flops_to_common", "flops_with_data_to_common",
               "flops_total", "flops_total_with_data", "wall_s")
@@ -155,9 +156,8 @@ def main() -> None:
         "target_fraction": per_seed[0]["target_fraction"],
         "common_target": spread([c["common_target"] for c in per_seed]),
         "methods": {name: {
-            **{f: spread([next(r for r in c["table"] if r["method"] == name)[f] for c in per_seed]) for f in fields},
-            "reached": sum(next(r for r in c["table"] if r["method"] == name)["steps_to_target"] is not None
-                           for c in per_seed),
+            **{f: spread([r[f] for r in rows[name]]) for f in fields},
+            "reached": sum(r["steps_to_target"] is not None for r in rows[name]),
         } for name in names},
         "seeds": per_seed,
     }

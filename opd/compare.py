@@ -116,7 +116,6 @@ def model_accuracy(cfg: RunConfig, model: ModelConfig) -> float:
     return metrics["accuracy"]
 
 
-
 @dataclass
 class Reached:
     step: int

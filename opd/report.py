@@ -197,7 +197,8 @@ def build_comparison_report(out_dir: str | Path, rollouts_shown: int = 4) -> Pat
         figures.append("teacher_kl_vs_step.png")
 
     common = comparison.get("common_target")  # absent in folders written before it existed
-    blank = "<td></td>" * (4 if common is None else 6)
+    levels = {"target": "target", **({"common": f"{common:.3f}"} if common is not None else {})}
+    blank = "<td></td>" * (2 * len(levels) + 2)
     table_rows = [f"<tr><td>student start</td><td>{_fmt(comparison['table'][0]['start_accuracy'], '.3f')}</td>"
                   f"{blank}</tr>",
                   f"<tr><td>teacher</td><td>{comparison['teacher_accuracy']:.3f}</td>{blank}</tr>"]
@@ -215,11 +216,9 @@ def build_comparison_report(out_dir: str | Path, rollouts_shown: int = 4) -> Pat
         total_with_data = f" ({_fmt(r['flops_total_with_data'])} with data)" if with_data else ""
         table_rows.append(
             f"<tr><td>{html.escape(r['method'])}</td><td>{_fmt(r['final_accuracy'], '.3f')} "
-            f"(best {_fmt(r['best_accuracy'], '.3f')})</td>{reached('target')}"
-            f"{reached('common') if common is not None else ''}"
+            f"(best {_fmt(r['best_accuracy'], '.3f')})</td>{''.join(reached(s) for s in levels)}"
             f"<td>{_fmt(r['flops_total'])}{total_with_data}</td><td>{r['wall_s']:.0f} s</td></tr>")
-    common_head = ("" if common is None else
-                   f"<th>steps to {common:.3f}</th><th>FLOPs to {common:.3f}</th>")
+    head = "".join(f"<th>steps to {name}</th><th>FLOPs to {name}</th>" for name in levels.values())
     common_text = ("" if common is None else
                    f" {common:.3f} is the highest accuracy that every method reached (the lowest of their best "
                    "evaluations): the steps and FLOPs to it compare the methods at one accuracy even when "
@@ -229,8 +228,7 @@ def build_comparison_report(out_dir: str | Path, rollouts_shown: int = 4) -> Pat
 <p>folder <code>{html.escape(str(out_dir))}</code>. Same student start, same steps and sequences per step; the
 target is {comparison['target_fraction']:.0%} of the teacher's held-out accuracy.{common_text}</p>
 <h2 id="table">Results</h2>
-<table><tr><th></th><th>accuracy</th><th>steps to target</th><th>FLOPs to target</th>{common_head}
-<th>FLOPs in all</th><th>wall time</th></tr>{"".join(table_rows)}</table>
+<table><tr><th></th><th>accuracy</th>{head}<th>FLOPs in all</th><th>wall time</th></tr>{"".join(table_rows)}</table>
 <h2 id="curves">Curves</h2>
 {_images(figures)}
 <h2 id="rollouts">Rollouts coloured by per-token teacher KL</h2>

@@ -150,16 +150,19 @@ def print_comparison(comparison: dict, console: Console) -> None:
     for level in levels.values():
         reaching.add_column(f"steps to {level:.3f}", justify="right")
         reaching.add_column(f"FLOPs to {level:.3f}", justify="right")
+
+    def cells(r: dict, flops: str, with_steps: bool) -> list[str]:  # steps and FLOPs to each level
+        out = []
+        for suffix in levels:
+            step = r.get(f"steps_to_{suffix}")
+            out += ["" if not with_steps else "not reached" if step is None else str(step),
+                    "-" if step is None else f"{r[f'{flops}_to_{suffix}']:.2e}"]
+        return out
+
     for r in rows:
-        paid = r["flops_total_with_data"] > r["flops_total"]
-        for label, flops in ((r["method"], "flops"), *(((f"  {r['method']}, data paid", "flops_with_data"),)
-                                                       if paid else ())):
-            cells = []
-            for suffix in levels:
-                step = r.get(f"steps_to_{suffix}")
-                cells += (["not reached" if flops == "flops" else "", "-"] if step is None else
-                          [str(step) if flops == "flops" else "", f"{r[f'{flops}_to_{suffix}']:.2e}"])
-            reaching.add_row(label, *cells)
+        reaching.add_row(r["method"], *cells(r, "flops", with_steps=True))
+        if r["flops_total_with_data"] > r["flops_total"]:  # the steps are the same; only the FLOPs differ
+            reaching.add_row(f"  {r['method']}, data paid", *cells(r, "flops_with_data", with_steps=False))
     console.print(reaching)
     console.print("accuracy: sampled pass@1 on held-out problems; FLOPs: student + teacher, training steps only "
                   "(\"data paid\" adds the teacher's sampling of SFT's data); wall time: training steps, SFT's "

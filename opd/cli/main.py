@@ -31,6 +31,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="On-policy distillation of language models.")
 console = Console()
 
+errors = Console(stderr=True, soft_wrap=True)  # an error message is never broken across lines
+
 
 @app.callback()
 def _quiet_hub_progress_bars() -> None:
@@ -38,7 +40,6 @@ def _quiet_hub_progress_bars() -> None:
     # and checkpoint save ("Loading weights", "Writing model shards"). Read when transformers is
     # imported, which the commands do later; a user's own setting wins.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-errors = Console(stderr=True, soft_wrap=True)  # an error message is never broken across lines
 
 
 def _fail(err: Exception) -> typer.Exit:
