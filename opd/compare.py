@@ -72,7 +72,7 @@ def cached_model(cfg: RunConfig, console: Console | None = None, label: str = ""
 
 def cached_teacher_samples(cfg: RunConfig, console: Console | None = None) -> tuple[Path, dict]:
     """`opd sample` for cfg's training prompts, once: (the JSONL, what writing it cost)."""
-    from opd.teacher.samples import write_teacher_samples
+    from opd.sample_command import write_teacher_samples
 
     console = console or Console()
     # What the samples depend on: not the student, nor how SFT will train on them.
@@ -102,7 +102,7 @@ def model_accuracy(cfg: RunConfig, model: ModelConfig) -> float:
     evaluations are (same prompts, seed, k and length), so it is comparable with their curves."""
     from opd.data import encode_prompts
     from opd.evaluation import evaluate_prompts
-    from opd.loop import prompt_records
+    from opd.data.sources import prompt_records
     from opd.models import load_model, pick_device
     from opd.sampler.hf import HFSampler
 
@@ -110,7 +110,7 @@ def model_accuracy(cfg: RunConfig, model: ModelConfig) -> float:
     prompts, _ = encode_prompts(prompt_records(cfg, "eval"), tokenizer, cfg.data.max_prompt_tokens, cfg.data.overlong)
     metrics, _ = evaluate_prompts(prompts, HFSampler(loaded, tokenizer, cfg.sampling), cfg.eval,
                                   cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens,
-                                  default_grader=cfg.data.grader, micro_batch_size=cfg.train.micro_batch_size)
+                                  default_grader=cfg.data.grader)
     if "accuracy" not in metrics:
         raise ValueError("model_accuracy needs graded eval prompts (a task or data.grader)")
     return metrics["accuracy"]
@@ -124,9 +124,9 @@ class Reached:
 
 
 def eval_rows(run_dir: Path) -> list[dict]:
-    from opd.report import read_jsonl
+    from opd.run_dir import read_metrics
 
-    return [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "eval/accuracy" in r]
+    return [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "eval/accuracy" in r]
 
 
 def reach(rows: list[dict], target: float) -> Reached | None:

@@ -46,10 +46,11 @@ class TinyModelConfig(Section):
 
 
 class ModelConfig(Section):
-    """Where a model comes from: exactly one of `path` or `tiny`.
+    """Where a model comes from: exactly one of `path`, `tiny` or (a teacher only) `url`.
 
     `path` is a local Hugging Face directory, a `.gguf` file, or a directory plus `gguf_file`.
     A hub id is accepted only if it is already in the local Hugging Face cache: opd never downloads.
+    `url` is a served teacher (one URL or several): a vLLM OpenAI-compatible server or SGLang.
     """
 
     path: str | None = None
@@ -57,12 +58,31 @@ class ModelConfig(Section):
     tiny: TinyModelConfig | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     lora: LoraConfig | None = None
+    # --- a served teacher (url) ---
+    url: str | list[str] | None = None  # http://host:port, or a list: requests are spread over them
+    backend: Literal["vllm", "sglang"] = "vllm"
+    served_model: str | None = None  # vLLM's model name; None: the first that /v1/models lists
+    top_k: int = Field(0, ge=0)  # > 0: keep the teacher's top-k log-probs per position (loss.kind=topk_forward_kl)
+    requests_in_flight: int = Field(4, ge=1)  # concurrent requests, over all URLs
+    rows_per_request: int = Field(1, ge=1)  # sequences per request
+    timeout_s: float = Field(120.0, gt=0)  # one request
+    retry_for_s: float = Field(300.0, ge=0)  # how long a failing server is retried before the run stops
+    # A local directory with the teacher's tokenizer (and config.json): compared token by token with
+    # the student's, and used to count the teacher's FLOPs. None: the server's /tokenize is probed.
+    tokenizer: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
-        if (self.path is None) == (self.tiny is None):
-            raise ValueError("give exactly one of `path` (a local model) or `tiny` (built from a config)")
+        if sum(x is not None for x in (self.path, self.tiny, self.url)) != 1:
+            raise ValueError("give exactly one of `path` (a local model), `tiny` (built from a config) or "
+                             "`url` (a served teacher)")
+        if self.url is not None and self.lora is not None:
+            raise ValueError("lora: a served model is fixed; LoRA applies to a local student")
         return self
+
+    @property
+    def urls(self) -> list[str]:
+        return [] if self.url is None else [self.url] if isinstance(self.url, str) else list(self.url)
 
 
 class DataConfig(Section):
@@ -141,7 +161,9 @@ class SamplingConfig(Section):
 class LossConfig(Section):
     # sampled_reverse_kl: the default single-sample estimator, policy gradient with advantage -c*k_t.
     # reverse_kl / forward_kl / jsd: exact full-vocabulary divergences (teacher in process only).
-    kind: Literal["sampled_reverse_kl", "reverse_kl", "forward_kl", "jsd"] = "sampled_reverse_kl"
+    # topk_forward_kl: forward KL over the teacher's top-k tokens plus a tail bucket (teacher.top_k > 0,
+    # a served teacher that returns only its top-k log-probs).
+    kind: Literal["sampled_reverse_kl", "reverse_kl", "forward_kl", "jsd", "topk_forward_kl"] = "sampled_reverse_kl"
     kl_coef: float = Field(1.0, ge=0)  # c in A_t = -c * k_t
     discount: float = Field(0.0, ge=0, le=1)  # gamma; 0: each token's own KL only
     clip_eps: float | None = Field(None, gt=0)  # PPO-style ratio clip; None: off
@@ -165,6 +187,8 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(8, ge=1)  # sequences per forward/backward
     seed: int = 0
     device: str = "auto"  # auto: cuda when present, else cpu
+    # A step whose loss or gradient is not finite is skipped (no update); this many in a row stop the run.
+    max_nonfinite_steps: int = Field(3, ge=1)
 
 
 class RLConfig(Section):
@@ -221,6 +245,14 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
+        if self.student.url is not None:
+            raise ValueError("student.url: the student is trained here; give its `path` or `tiny`")
+        if self.loss.kind == "topk_forward_kl" and (self.teacher is None or self.teacher.top_k == 0):
+            raise ValueError("loss.kind=topk_forward_kl needs the teacher's top-k log-probs: set teacher.top_k > 0")
+        if self.loss.kind in ("reverse_kl", "forward_kl", "jsd") and self.teacher is not None \
+                and self.teacher.url is not None:
+            raise ValueError(f"loss.kind={self.loss.kind} compares full distributions, which a served teacher does "
+                             f"not return: use sampled_reverse_kl, or topk_forward_kl with teacher.top_k")
         if self.teacher is not None and self.teacher.lora is not None:
             raise ValueError("teacher.lora: the teacher is fixed; LoRA applies to the student only")
         if self.method == "distill" and self.teacher is None:

@@ -14,13 +14,15 @@ from rich.console import Console
 
 from opd.config import ConfigError, load_config
 from opd.data import encode_prompts
+from opd.components import load_teacher
+from opd.data.sources import load_data, task_records
 from opd.evaluation import evaluate_prompts
-from opd.learner.checkpoint import latest_checkpoint, load_weights
-from opd.loop import load_data, seed_everything, task_records
-from opd.models import load_model, pick_device
+from opd.learner.checkpoint import latest_checkpoint
+from opd.learner.learner import Learner
+from opd.loop import seed_everything
+from opd.models import load_model, load_tokenizer, pick_device
+from opd.roles import check_output_sizes
 from opd.sampler.hf import HFSampler
-from opd.teacher.hf import HFTeacher
-from opd.tokenizer_check import check_tokenizers_match
 
 
 def _read_yaml(path: Path) -> dict:
@@ -57,14 +59,15 @@ def run_eval(model: str, tasks: list[str], config: Path | None, overrides: list[
     cfg = load_config(None, [*overrides, "log.progress=false"], base=tree)
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
-    student, tokenizer = load_model(cfg.student, device)
-    if weights is not None:
-        load_weights(student, weights)
     teacher = None
     if cfg.teacher is not None and not cfg.eval.greedy:  # teacher KL needs the student's own samples
-        teacher_model, teacher_tokenizer = load_model(cfg.teacher, device)
-        check_tokenizers_match(tokenizer, teacher_tokenizer)
-        teacher = HFTeacher(teacher_model, teacher_tokenizer, cfg.loss.chunk_size, cfg.train.micro_batch_size)
+        teacher = load_teacher(cfg.teacher, device, load_tokenizer(cfg.student), cfg.loss.chunk_size,
+                               cfg.train.micro_batch_size)
+    student, tokenizer = load_model(cfg.student, device)
+    learner = Learner(student, cfg.optim, cfg.loss, 1, cfg.train.micro_batch_size)  # measures exact KL; never steps
+    if weights is not None:
+        learner.load_weights(weights)
+    same_size = check_output_sizes(learner, teacher, needs_full_distribution=False)
 
     if tasks:
         known = ("arithmetic", "knowledge", "instruction")
@@ -88,6 +91,6 @@ def run_eval(model: str, tasks: list[str], config: Path | None, overrides: list[
         if console is not None:
             console.print(f"evaluating {name}: {len(prompts)} prompts")
         metrics, _ = evaluate_prompts(prompts, sampler, cfg.eval, cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens,
-                                      teacher, cfg.data.grader, cfg.train.micro_batch_size, cfg.loss.chunk_size)
+                                      teacher, cfg.data.grader, learner if same_size else None)
         results["sets"][name] = {"prompts": len(prompts), **metrics}
     return results

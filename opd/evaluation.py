@@ -14,8 +14,7 @@ import torch
 
 from opd.advantages import teacher_kl
 from opd.config import EvalConfig
-from opd.losses.chunked import token_divergence
-from opd.models import LogitsHead
+from opd.roles import Learner, Sampler, Teacher, check_output_sizes
 from opd.rollouts import Rollouts
 from opd.tasks import Grade, grade, is_graded
 
@@ -85,31 +84,16 @@ def rollout_metrics(rollouts: Rollouts, teacher_logprobs: torch.Tensor | None) -
     return metrics
 
 
-@torch.no_grad()
-def exact_reverse_kl(student_head: LogitsHead, teacher_head: LogitsHead, rollouts: Rollouts,
-                     teacher_hidden: torch.Tensor, micro_batch_size: int, chunk_size: int) -> float:
-    """Full-vocabulary KL(student || teacher) averaged over the sampled completion positions."""
-    total = 0.0
-    for rows, micro in rollouts.micro_batches(micro_batch_size):
-        _, states_M_H = student_head.completion_states(micro)
-        kl = token_divergence("reverse_kl", student_head.logits, states_M_H, teacher_head.logits,
-                              teacher_hidden[rows, :-1][micro.predicts_completion], chunk_size=chunk_size)
-        total += float(kl.sum())
-    return total / max(float(rollouts.completion_mask.sum()), 1.0)
-
-
-def evaluate_prompts(prompts: list, sampler, cfg: EvalConfig, max_new_tokens: int, teacher=None,
-                     default_grader: str | None = None, micro_batch_size: int = 8,
-                     chunk_size: int = 256) -> tuple[dict, Rollouts]:
+def evaluate_prompts(prompts: list, sampler: Sampler, cfg: EvalConfig, max_new_tokens: int,
+                     teacher: Teacher | None = None, default_grader: str | None = None,
+                     learner: Learner | None = None) -> tuple[dict, Rollouts]:
     """Sample k completions per prompt (or one greedy), from `cfg.seed` so that an evaluation
     neither perturbs training nor varies between evaluations, and measure them.
 
-    Returns metrics (accuracy when graded; teacher_kl and exact_kl when a teacher is given and
-    the samples are the student's own) and the rollouts.
+    Returns metrics (accuracy when graded; teacher_kl when a teacher is given and the samples are
+    the student's own; exact_kl too when the `learner` is given and the teacher returns its full
+    distribution over a head of the student's size) and the rollouts.
     """
-    model = sampler.model
-    was_training = model.training
-    model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         if torch.cuda.is_available():
@@ -117,19 +101,17 @@ def evaluate_prompts(prompts: list, sampler, cfg: EvalConfig, max_new_tokens: in
         rollouts = sampler.sample([p.ids for p in prompts], 1 if cfg.greedy else cfg.samples_per_prompt,
                                   max_new_tokens=max_new_tokens, prompts=prompts, greedy=cfg.greedy)
     scores = None
+    exact = (learner is not None and teacher is not None and teacher.full_distribution
+             and check_output_sizes(learner, teacher, needs_full_distribution=False))
     if teacher is not None and not cfg.greedy:
-        student_head = LogitsHead(model)
-        same_size = teacher.head.head.weight.shape[0] == student_head.head.weight.shape[0]
-        scores = teacher.score(rollouts, keep_hidden=same_size)
+        scores = teacher.score(rollouts, keep_hidden=exact)
     metrics = rollout_metrics(rollouts, scores.logprobs if scores is not None else None)
     metrics.pop("tokens")
-    if scores is not None and scores.hidden is not None:
-        metrics["exact_kl"] = exact_reverse_kl(student_head, teacher.head, rollouts, scores.hidden,
-                                               micro_batch_size, chunk_size)
+    if scores is not None and exact:
+        metrics["exact_kl"] = learner.divergence(rollouts, scores, "reverse_kl")
     grades = grade_rollouts(rollouts, sampler.tokenizer, default_grader)
     graded = reward_metrics(grades, rollouts.group_ids)
     graded.pop("groups_all_equal", None)
     graded.pop("groups_all_equal_frac", None)
     metrics.update(graded)
-    model.train(was_training)
     return metrics, rollouts

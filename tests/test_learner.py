@@ -34,7 +34,7 @@ def test_one_and_four_micro_batches_give_the_same_loss_and_update(batch, kind):
         model = copy.deepcopy(student)
         learner = Learner(model, OptimConfig(lr=1e-2, warmup_steps=0, grad_clip=None), LossConfig(kind=kind, chunk_size=4),
                           total_steps=10, micro_batch_size=micro)
-        metrics = learner.train_step(rollouts, advantages, scores.hidden, teacher.head)
+        metrics = learner.train_step(rollouts, advantages, scores)
         grads = [p.grad.clone() for p in model.parameters()]  # the accumulated gradient of the step
         results.append((metrics, grads, [p.detach().clone() for p in model.parameters()]))
     (m_full, g_full, p_full), *others = results

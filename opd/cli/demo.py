@@ -21,12 +21,19 @@ the gradient is zero).
 
 from __future__ import annotations
 
+import difflib
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from opd.config import RunConfig, load_config
+from opd.config import ConfigError, RunConfig, load_config
+
+# Written into the demo's folder first thing: `--overwrite` deletes only a folder that holds it (or
+# an older demo's comparison.json), so opd never deletes a folder it did not create.
+MARKER = ".opd-demo"
 
 TASK = {"name": "arithmetic", "train_size": 4000, "eval_size": 64,
         "arithmetic": {"digits": 1, "operations": 2, "operators": "+-"}}
@@ -95,22 +102,106 @@ def method_config(name: str, student_dir: Path, teacher_dir: Path | None, overri
     return load_config(None, list(overrides), base=base)
 
 
-def run_demo(run_dir: Path, quick: bool = False, overrides: list[str] = (), console: Console | None = None) -> dict:
+def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """(overrides for every method, overrides per method): `distill:optim.lr=3e-3` is distill's. A
+    prefix that names no method of the demo is refused rather than silently dropped."""
+    shared: list[str] = []
+    per_method: dict[str, list[str]] = {name: [] for name in METHODS}
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if ":" not in key:
+            shared.append(override)
+            continue
+        prefix, rest = override.split(":", 1)
+        if prefix not in METHODS:
+            close = difflib.get_close_matches(prefix, list(METHODS), n=1)
+            hint = f" (did you mean '{close[0]}:'?)" if close else ""
+            raise ConfigError(f"{override}: '{prefix}:' names no method of the demo{hint}; the prefixes are "
+                              f"{', '.join(m + ':' for m in METHODS)}, or none for every method")
+        per_method[prefix].append(rest)
+    return shared, per_method
+
+
+def demo_configs(student_dir: Path, teacher_dir: Path | None, quick: bool = False,
+                 overrides: list[str] = ()) -> dict[str, RunConfig]:
+    """Every method's run config, the user's overrides applied (a bad key or value: ConfigError)."""
+    shared, per_method = split_overrides(list(overrides))
+    shared = [*(QUICK["run"] if quick else []), *shared]
+    runs = {}
+    for name in METHODS:
+        try:
+            runs[name] = method_config(name, student_dir, teacher_dir, [*shared, *per_method[name]])
+        except ConfigError as err:
+            raise ConfigError(f"{err} (in the demo's {name} run)" if per_method[name] else str(err)) from None
+    return runs
+
+
+def validate_demo(quick: bool = False, overrides: list[str] = ()) -> None:
+    """Every config the demo will use, built from the overrides before any work: a misspelled key,
+    a bad value or an unknown method prefix is refused in a second, not after the models are built."""
+    build_overrides = QUICK["build"] if quick else []
+    for build in (TEACHER_BUILD, STUDENT_BUILD):
+        load_config(None, build_overrides, base=build)
+    demo_configs(Path("student-start"), Path("teacher"), quick, overrides)
+
+
+def _owned(run_dir: Path) -> bool:
+    """The folder was written by `opd demo` (or is an empty one, or holds only its lock)."""
+    entries = {p.name for p in run_dir.iterdir()}
+    return MARKER in entries or "comparison.json" in entries or entries <= {".lock"}
+
+
+@contextmanager
+def claimed_run_dir(run_dir: Path, overwrite: bool = False):
+    """The demo's folder, locked (opd.run_dir.RunLock) and empty but for the marker. An existing
+    folder that is not empty is refused, unless `overwrite` and it holds an earlier demo: opd never
+    deletes a folder it did not create."""
+    from opd.run_dir import RunDirectoryError, RunLock
+
+    run_dir = Path(run_dir)
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise RunDirectoryError(f"--run-dir {run_dir} is not a folder (a file or a link): choose another --run-dir")
+    if run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):
+        if not _owned(run_dir):
+            raise RunDirectoryError(f"--run-dir {run_dir} is not empty and holds no opd demo: opd does not delete "
+                                    f"folders it did not create; choose another --run-dir")
+        if not overwrite:
+            raise RunDirectoryError(f"--run-dir {run_dir} holds an earlier demo: pass --overwrite to replace it, "
+                                    f"or choose another --run-dir")
+    with RunLock(run_dir) as lock:  # a demo running in it now: refused here, before anything is deleted
+        for entry in run_dir.iterdir():
+            if entry.name == ".lock":
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        (run_dir / MARKER).write_text("written by `opd demo`: `opd demo --overwrite` may delete and rewrite this "
+                                      "folder\n")
+        yield lock
+
+
+def run_demo(run_dir: Path, quick: bool = False, overrides: list[str] = (), console: Console | None = None,
+             overwrite: bool = False) -> dict:
     """The whole demo; returns comparison.json's contents. `overrides` (dotted key=value) apply to
-    every method's run; `distill:optim.lr=3e-3` to one of them."""
+    every method's run; `distill:optim.lr=3e-3` to one of them. All of them are checked before any
+    work; an existing `run_dir` that is not empty is replaced only with `overwrite` and only if it
+    holds an earlier demo."""
+    console = console or Console()
+    validate_demo(quick, overrides)
+    with claimed_run_dir(run_dir, overwrite):
+        return _run_demo(Path(run_dir), quick, list(overrides), console)
+
+
+def _run_demo(run_dir: Path, quick: bool, overrides: list[str], console: Console) -> dict:
     from opd.compare import TARGET_FRACTION, cached_model, model_accuracy, run_comparison, sft_on_teacher_samples
     from opd.report import build_comparison_report
 
-    console = console or Console()
     build_overrides = QUICK["build"] if quick else []
     teacher_dir, _ = cached_model(load_config(None, build_overrides, base=TEACHER_BUILD), console, "the teacher")
     student_dir, _ = cached_model(load_config(None, build_overrides, base=STUDENT_BUILD), console, "the student start")
 
-    shared = [*(QUICK["run"] if quick else []), *(o for o in overrides if ":" not in o.split("=")[0])]
-    runs = {name: method_config(name, student_dir, teacher_dir,
-                                [*shared, *(o.split(":", 1)[1] for o in overrides
-                                            if o.split("=")[0].startswith(name + ":"))])
-            for name in METHODS}
+    runs = demo_configs(student_dir, teacher_dir, quick, overrides)
     runs["sft"], written = sft_on_teacher_samples(runs["sft"], console)
 
     teacher_accuracy = model_accuracy(runs["distill"], runs["distill"].teacher)

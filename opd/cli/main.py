@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import List, Optional
 
@@ -50,14 +49,25 @@ def _fail(err: Exception) -> typer.Exit:
 def _user_errors():
     """Errors that are the user's input, shown as one clear message instead of a traceback."""
     from opd.data import PromptDataError
+    from opd.learner.checkpoint import CheckpointWriteError, CorruptCheckpointError, NonFiniteWeightsError
     from opd.models import ModelNotFoundError
     from opd.run_dir import RunDirectoryError
+    from opd.loop import NonFiniteTrainingError
+    from opd.tasks import GraderError
+    from opd.teacher.errors import TeacherResponseError, TeacherUnavailableError
     from opd.tokenizer_check import TokenizerMismatchError
 
-    from opd.tasks import GraderError
-
     return (ConfigError, PromptDataError, ModelNotFoundError, TokenizerMismatchError, RunDirectoryError,
-            GraderError, FileNotFoundError, ImportError)
+            GraderError, FileNotFoundError, ImportError, CheckpointWriteError, CorruptCheckpointError,
+            NonFiniteWeightsError, NonFiniteTrainingError, TeacherUnavailableError, TeacherResponseError)
+
+
+INTERRUPTED = 130  # the shell's code for Ctrl-C: `opd distill ... && next-step` does not carry on
+
+
+def _interrupted(message: str) -> typer.Exit:
+    errors.print(f"[yellow]{escape(message)}[/yellow]", highlight=False)
+    return typer.Exit(INTERRUPTED)
 
 
 def _run(cfg, resume: bool) -> dict:
@@ -67,6 +77,8 @@ def _run(cfg, resume: bool) -> dict:
         return train(cfg, resume=resume, console=console)
     except _user_errors() as err:
         raise _fail(err)
+    except KeyboardInterrupt:  # Ctrl-C twice: stopped at once, without a checkpoint of this step
+        raise _interrupted("interrupted without saving this step; --resume continues from the last checkpoint")
 
 
 def _method_config(method: str, config: Path | None, overrides: list[str]):
@@ -99,7 +111,11 @@ def _register(method: str) -> None:
             cfg = _method_config(method, config, overrides or [])
         except ConfigError as err:
             raise _fail(err)
-        _print_summary(_run(cfg, resume))
+        summary = _run(cfg, resume)
+        _print_summary(summary)
+        if summary.get("interrupted"):
+            raise _interrupted(f"interrupted after step {summary['steps_done']} of {summary['steps_planned']} "
+                               f"(checkpoint saved): the same command with --resume continues the run")
 
     command.__doc__ = _HELP[method]
     app.command(name=method, context_settings={"allow_extra_args": False})(command)
@@ -118,7 +134,7 @@ def sample(
     only_correct: bool = typer.Option(False, "--only-correct", help="keep only completions the grader scores 1"),
 ):
     """The teacher writes completions for the prompts, with their cost, to JSONL (data for `opd sft`)."""
-    from opd.teacher.samples import write_teacher_samples
+    from opd.sample_command import write_teacher_samples
 
     try:
         cfg = load_config(config, overrides or [])
@@ -191,9 +207,11 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory")):
     """Write report.html (and PNGs) into a run directory: curves, and rollouts coloured by teacher KL."""
     from opd.report import ReportError, build_report
 
+    from opd.run_dir import RunDirectoryError
+
     try:
         out = build_report(run_dir)
-    except ReportError as err:
+    except (ReportError, RunDirectoryError) as err:
         raise _fail(err)
     console.print(f"report: {out}")
 
@@ -201,30 +219,48 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory")):
 @app.command()
 def demo(
     quick: bool = typer.Option(False, "--quick", help="a few steps only: checks the whole path, not the result"),
-    run_dir: Path = typer.Option(Path("runs/demo"), "--run-dir"),
-    overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value settings"),
+    run_dir: Path = typer.Option(Path("runs/demo"), "--run-dir", help="a new or empty folder"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier demo's folder (only a demo's)"),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="dotted key=value settings for every method, or for one: distill:optim.lr=3e-3"),
 ):
     """The embedded default: on-policy distillation, RL and SFT from one tiny student, same budget
     (arithmetic; teacher and student built locally, cached after the first run)."""
-    from opd.cli.demo import run_demo
+    from opd.cli.demo import run_demo, validate_demo
 
-    if run_dir.exists():  # the demo always starts afresh
-        shutil.rmtree(run_dir)
-    console.print("[bold]opd demo[/bold]: distillation vs RL vs SFT from the same tiny student, on held-out "
-                  "arithmetic (teacher and student are built once, then cached)")
     try:
-        run_demo(run_dir, quick, overrides or [], console)
+        validate_demo(quick, overrides or [])  # before anything is built or deleted
+        console.print("[bold]opd demo[/bold]: distillation vs RL vs SFT from the same tiny student, on held-out "
+                      "arithmetic (teacher and student are built once, then cached)")
+        run_demo(run_dir, quick, overrides or [], console, overwrite=overwrite)
     except _user_errors() as err:
         raise _fail(err)
+    except KeyboardInterrupt:
+        raise _interrupted(f"interrupted: the demo in {run_dir} is incomplete (models already built stay cached); "
+                           f"run it again with --overwrite")
 
 
 def _print_summary(summary: dict) -> None:
     start, end = summary.get("start_eval") or {}, summary.get("last_eval") or {}
-    table = Table(title=f"opd run: {summary['run_dir']}  ({summary['steps_done']}/{summary['steps_planned']} steps"
-                        f"{', interrupted' if summary['interrupted'] else ''})")
+    title = (f"opd run: {summary['run_dir']}  ({summary['steps_done']}/{summary['steps_planned']} steps"
+             f"{', interrupted' if summary['interrupted'] else ''})")
+    end_step = summary.get("last_eval_step")
+    if not end:
+        console.print(f"{title}: no evaluation set (set task.name or data.eval_prompts to measure the student)")
+    else:
+        _print_evals(title, start, end, end_step)
+        if end_step is not None and end_step != summary["steps_done"]:
+            console.print(f"[yellow]no final evaluation: the last one is of step {end_step}[/yellow]")
+    with_data = (f" (+{summary['flops_data_total']:.3g} to write the data)" if summary.get("flops_data_total") else "")
+    console.print(f"tokens trained: {summary['tokens_trained_total']:,}   FLOPs: {summary['flops_total']:.3g}{with_data}"
+                  f"   wall time in steps: {summary['wall_s_total']:.1f} s   metrics: {summary['run_dir']}/metrics.jsonl")
+
+
+def _print_evals(title: str, start: dict, end: dict, end_step: int | None) -> None:
+    table = Table(title=title)
     table.add_column("held-out prompts")
     table.add_column("start", justify="right")
-    table.add_column("end", justify="right")
+    table.add_column("end" if end_step is None else f"step {end_step}", justify="right")
     names = {"teacher_kl": "teacher KL (sampled, per token)", "exact_kl": "exact reverse KL (per token)",
              "accuracy": "accuracy", "instruction_accuracy": "instruction-level accuracy",
              "entropy": "student entropy", "completion_len": "completion length"}
@@ -235,9 +271,6 @@ def _print_summary(summary: dict) -> None:
             label = names[metric] + (f" [{where}]" if where else "")
             table.add_row(label, f"{start[key]:.3f}" if key in start else "-", f"{end[key]:.3f}")
     console.print(table)
-    with_data = (f" (+{summary['flops_data_total']:.3g} to write the data)" if summary.get("flops_data_total") else "")
-    console.print(f"tokens trained: {summary['tokens_trained_total']:,}   FLOPs: {summary['flops_total']:.3g}{with_data}"
-                  f"   wall time in steps: {summary['wall_s_total']:.1f} s   metrics: {summary['run_dir']}/metrics.jsonl")
 
 
 if __name__ == "__main__":

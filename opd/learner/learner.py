@@ -1,7 +1,8 @@
 """The learner: one optimizer step on a batch of rollouts, split into micro-batches.
 
-Three objectives share the step: the policy gradient (distillation's sampled estimator and RL),
-an exact divergence to a local teacher, and cross-entropy on given tokens (SFT, mid-training).
+Four objectives share the step: the policy gradient (distillation's sampled estimator and RL),
+an exact divergence to a local teacher, the top-k forward KL to a served teacher, and
+cross-entropy on given tokens (SFT, mid-training).
 Every micro-batch's loss is divided by the completion-token count of the *whole* batch, so the
 accumulated gradient is the same whatever the micro-batch size.
 """
@@ -9,15 +10,19 @@ accumulated gradient is the same whatever the micro-batch size.
 from __future__ import annotations
 
 import math
-from functools import partial
+from pathlib import Path
 
 import torch
 
 from opd.config import LossConfig, OptimConfig
+from opd.flops import ModelCost
+from opd.learner.checkpoint import load_weights, nonfinite_tensors
 from opd.losses.chunked import token_divergence, token_logprobs
 from opd.losses.cross_entropy import completion_cross_entropy
 from opd.losses.policy_gradient import policy_gradient_loss
+from opd.losses.topk import token_topk_forward_kl
 from opd.models import LogitsHead
+from opd.roles import TeacherScores
 from opd.rollouts import Rollouts
 
 
@@ -31,39 +36,74 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str,
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-OBJECTIVES = ("policy_gradient", "divergence", "cross_entropy")
+OBJECTIVES = ("policy_gradient", "divergence", "topk_forward_kl", "cross_entropy")
+
+
+def objective_of(loss: LossConfig, on_policy: bool = True) -> str:
+    """What the learner optimises: cross-entropy for fixed sequences (sft, midtrain); on the
+    student's samples, the policy gradient (the sampled estimator, RL), an exact divergence to a
+    local teacher, or the top-k forward KL to a served one."""
+    if not on_policy:
+        return "cross_entropy"
+    if loss.kind == "sampled_reverse_kl":
+        return "policy_gradient"
+    return "topk_forward_kl" if loss.kind == "topk_forward_kl" else "divergence"
 
 
 class Learner:
+    """The trained model and its optimizer, in this process (`opd.roles.Learner`)."""
+
     def __init__(self, model, optim: OptimConfig, loss: LossConfig, total_steps: int, micro_batch_size: int,
                  objective: str | None = None):
-        # Default: what loss.kind asks for (the sampled estimator is a policy gradient).
-        self.objective = objective or ("policy_gradient" if loss.kind == "sampled_reverse_kl" else "divergence")
+        self.objective = objective or objective_of(loss)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective {self.objective!r}: expected one of {OBJECTIVES}")
         self.model = model
         self.head = LogitsHead(model)
+        self.output_size = self.head.head.weight.shape[0]
+        self.cost = ModelCost.from_model(model)
         self.loss_cfg = loss
         self.micro_batch_size = micro_batch_size
+        self.total_steps = total_steps
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optim_cfg = optim
         self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, betas=optim.betas,
                                            weight_decay=optim.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
-            lr_multiplier, warmup_steps=optim.warmup_steps, total_steps=total_steps,
-            schedule=optim.schedule, min_lr_ratio=optim.min_lr_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_multiplier)
+
+    def _lr_multiplier(self, step: int) -> float:
+        cfg = self.optim_cfg
+        return lr_multiplier(step, cfg.warmup_steps, self.total_steps, cfg.schedule, cfg.min_lr_ratio)
+
+    def verify(self, vocab_size: int) -> None:
+        """The chunked head must reproduce the model's own forward before we trust it with gradients."""
+        self.head.verify(vocab_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @property
     def exact(self) -> bool:
-        """Whether the step needs the teacher's hidden states (a full-vocabulary divergence)."""
+        """Whether the step needs the teacher's full distribution (hidden states and head)."""
         return self.objective == "divergence"
 
-    def train_step(self, rollouts: Rollouts, advantages: torch.Tensor,
-                   teacher_hidden: torch.Tensor | None = None, teacher_head: LogitsHead | None = None) -> dict:
-        """One optimizer step. The exact losses need the teacher's hidden states and head;
-        cross-entropy needs no advantages (pass None)."""
-        if self.exact and (teacher_hidden is None or teacher_head is None):
+    @property
+    def needs_top_k(self) -> bool:
+        return self.objective == "topk_forward_kl"
+
+    def train_step(self, rollouts: Rollouts, advantages: torch.Tensor | None,
+                   scores: TeacherScores | None = None) -> dict:
+        """One optimizer step. The policy gradient needs advantages; the exact losses the
+        teacher's hidden states and head, the top-k loss its top-k log-probs (in `scores`);
+        cross-entropy needs neither.
+
+        A non-finite loss or gradient (divergence, a bad batch) skips the update: the weights and
+        the optimizer's moments stay as they were, and the metrics say `skipped: 1`."""
+        if self.exact and (scores is None or scores.hidden is None or scores.logits is None):
             raise ValueError(f"loss.kind={self.loss_cfg.kind} needs the teacher's hidden states (a local teacher)")
+        if self.needs_top_k and (scores is None or scores.topk_ids is None):
+            raise ValueError("loss.kind=topk_forward_kl needs the teacher's top-k log-probs (teacher.top_k > 0)")
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         num_tokens = rollouts.completion_mask.sum().clamp(min=1)
@@ -77,9 +117,14 @@ class Learner:
                                             self.loss_cfg.chunk_size)
                 loss = completion_cross_entropy(logprobs_M, num_tokens)
             elif self.exact:
-                div_M = token_divergence(self.loss_cfg.kind, self.head.logits, hidden_M_H, teacher_head.logits,
-                                         teacher_hidden[rows, :-1][selected], self.loss_cfg.jsd_beta,
+                div_M = token_divergence(self.loss_cfg.kind, self.head.logits, hidden_M_H, scores.logits,
+                                         scores.hidden[rows, :-1][selected], self.loss_cfg.jsd_beta,
                                          self.loss_cfg.chunk_size)
+                loss = div_M.sum() / num_tokens
+                divergence_sum += float(div_M.detach().sum())
+            elif self.needs_top_k:
+                div_M = token_topk_forward_kl(self.head.logits, hidden_M_H, scores.topk_ids[rows, 1:][selected],
+                                              scores.topk_logprobs[rows, 1:][selected], self.loss_cfg.chunk_size)
                 loss = div_M.sum() / num_tokens
                 divergence_sum += float(div_M.detach().sum())
             else:
@@ -97,27 +142,72 @@ class Learner:
             total_loss += float(loss.detach())
 
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        # The schedule follows the step count either way, so a skipped step does not shift it.
         self.scheduler.step()
 
         n = float(num_tokens)
-        metrics = {"loss": total_loss, "grad_norm": float(grad_norm), "lr": lr}
+        metrics = {"loss": total_loss, "grad_norm": grad_norm, "lr": lr, "skipped": int(not finite),
+                   "grad_clipped": int(finite and self.optim_cfg.grad_clip is not None
+                                       and grad_norm > self.optim_cfg.grad_clip)}
         if self.objective == "cross_entropy":
             metrics["cross_entropy"] = total_loss
         elif self.exact:
             metrics[f"exact_{self.loss_cfg.kind}"] = divergence_sum / n
+        elif self.needs_top_k:
+            metrics["topk_forward_kl"] = divergence_sum / n
         else:
             metrics["ratio_mean"] = ratio_sum / n
             if self.loss_cfg.clip_eps is not None:
                 metrics["clip_fraction"] = clipped / n
         return metrics
 
-    # --- state for exact resume -------------------------------------------------------------
+    @torch.no_grad()
+    def divergence(self, rollouts: Rollouts, scores: TeacherScores, kind: str = "reverse_kl") -> float:
+        """Full-vocabulary divergence to the teacher averaged over the completion positions (for
+        evaluation: the exact KL beside the sampled estimate)."""
+        was_training = self.model.training
+        self.model.eval()
+        total = 0.0
+        for rows, micro in rollouts.micro_batches(self.micro_batch_size):
+            _, states_M_H = self.head.completion_states(micro)
+            div = token_divergence(kind, self.head.logits, states_M_H, scores.logits,
+                                   scores.hidden[rows, :-1][micro.predicts_completion],
+                                   chunk_size=self.loss_cfg.chunk_size)
+            total += float(div.sum())
+        self.model.train(was_training)
+        return total / max(float(rollouts.completion_mask.sum()), 1.0)
+
+    def nonfinite_tensors(self) -> list[str]:
+        """Names of the parameters holding a NaN or inf (a checkpoint is never written from them)."""
+        return nonfinite_tensors(self.model)
+
+    # --- weights and state, for checkpoints and exact resume ------------------------------------
+    def save(self, directory: Path, tokenizer) -> None:
+        """A Hugging Face directory (full weights, or the LoRA adapter) with the tokenizer."""
+        self.model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    def load_weights(self, directory: Path) -> None:
+        load_weights(self.model, directory)
+
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the optimizer's moments and the schedule's position; the hyper-parameters are
+        this learner's (the config in effect), so `--resume optim.lr=X` trains on at X from the
+        resumed step instead of silently keeping the checkpoint's rate."""
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.last_epoch = state["scheduler"]["last_epoch"]
+        self.scheduler.base_lrs = [self.optim_cfg.lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=self.optim_cfg.lr, betas=self.optim_cfg.betas,
+                         weight_decay=self.optim_cfg.weight_decay,
+                         lr=self.optim_cfg.lr * self._lr_multiplier(self.scheduler.last_epoch))

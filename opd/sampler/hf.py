@@ -8,6 +8,7 @@ estimate). Here the sampled distribution and the behaviour log-probs come from t
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -48,14 +49,33 @@ def sampling_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return logits
 
 
+def cache_kwarg(model) -> str:
+    """The name under which this transformers version takes the KV cache: `cache` from 5.2x on,
+    `past_key_values` before (still accepted there, with a deprecation warning)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 class HFSampler:
+    """The student's sampler in process (`opd.roles.Sampler`). It shares the learner's model, so
+    the weights it samples from are always the learner's current ones."""
+
     def __init__(self, model, tokenizer, cfg: SamplingConfig):
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.eos_ids = eos_token_ids(model, tokenizer)
+        self.cache_kwarg = cache_kwarg(model)
         self.pad_id = tokenizer.pad_token_id
         warn_if_biased(cfg)
+
+    def sync_weights(self) -> None:
+        """Nothing to do: the sampler reads the learner's own parameters."""
 
     @torch.no_grad()
     def sample(self, prompt_ids: list[list[int]], samples_per_prompt: int | None = None,
@@ -132,7 +152,7 @@ class HFSampler:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
-                             past_key_values=out.past_key_values, use_cache=True)
+                             use_cache=True, **{self.cache_kwarg: returned_cache(out)})
             next_position = next_position + 1
         return (torch.stack(out_tokens, 1), torch.stack(out_logprobs, 1), torch.stack(out_entropy, 1), lengths, done)
 

@@ -1,36 +1,45 @@
-"""The teacher as a Hugging Face model in the same process.
+"""The teacher as a Hugging Face model in the same process (`opd.roles.Teacher`).
 
 `score` is one prefill per micro-batch that returns log pi_teacher(y_t) for every completion token;
-with `keep_hidden` it also keeps the final hidden states, from which the exact (full-vocabulary)
-losses project the teacher's logits a chunk at a time.
+with `keep_hidden` it also keeps the final hidden states and the head that projects them, from
+which the exact (full-vocabulary) losses compute the teacher's logits a chunk at a time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from opd.flops import ModelCost
 from opd.losses.chunked import token_logprobs
 from opd.models import LogitsHead
+from opd.roles import TeacherScores
 from opd.rollouts import Rollouts
+from opd.tokenizer_check import check_tokenizers_match
 
-
-@dataclass
-class TeacherScores:
-    logprobs: torch.Tensor  # B x T, aligned with rollouts.tokens, 0 outside the completion
-    hidden: torch.Tensor | None = None  # B x T x H final hidden states (exact losses only)
+__all__ = ["HFTeacher", "TeacherScores"]
 
 
 class HFTeacher:
+    full_distribution = True
+    top_k = 0
+
     def __init__(self, model, tokenizer, chunk_size: int = 256, micro_batch_size: int = 8):
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.tokenizer = tokenizer
         self.head = LogitsHead(self.model)
+        self.output_size = self.head.head.weight.shape[0]
+        self.cost = ModelCost.from_model(self.model)
         self.chunk_size = chunk_size
         self.micro_batch_size = micro_batch_size
+
+    def check_tokenizer(self, tokenizer) -> None:
+        check_tokenizers_match(tokenizer, self.tokenizer)
+
+    def verify(self, vocab_size: int) -> None:
+        """The chunked head must reproduce the model's own forward (see LogitsHead.verify)."""
+        self.head.verify(vocab_size)
 
     @torch.no_grad()
     def score(self, rollouts: Rollouts, keep_hidden: bool = False) -> TeacherScores:
@@ -43,4 +52,12 @@ class HFTeacher:
             logprobs[rows, 1:][selected] = scores
             if keep_hidden:
                 hidden_parts.append(hidden)
-        return TeacherScores(logprobs, torch.cat(hidden_parts) if keep_hidden else None)
+        if not keep_hidden:
+            return TeacherScores(logprobs)
+        return TeacherScores(logprobs, hidden=torch.cat(hidden_parts), logits=self.head.logits)
+
+    def take_metrics(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass

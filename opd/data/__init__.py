@@ -23,6 +23,20 @@ class Prompt:
     record: dict = field(default_factory=dict)  # the original record: reference answers etc. for graders
 
 
+def read_text(path: str | Path) -> str:
+    """A text file's contents as UTF-8; anything else is a PromptDataError naming the file and the
+    line (and column) of the first byte that is not UTF-8."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is not content
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise PromptDataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}); "
+                              f"save the file as UTF-8") from None
+
+
 def read_records(path: str | Path) -> list[tuple[str, dict]]:
     """(where, record) pairs; `where` is 'file:line' for line-based files, 'file[row]' otherwise."""
     path = Path(path)
@@ -30,7 +44,7 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
         raise PromptDataError(f"prompt file not found: {path.resolve()}")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
         if suffix == ".json" and text.lstrip().startswith("["):
             try:
                 rows = json.loads(text)
@@ -51,6 +65,8 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
     if suffix not in builders:
         raise PromptDataError(f"{path}: unsupported prompt file type {suffix!r} "
                               f"(use .jsonl, .json, .parquet, .csv, .tsv, .arrow)")
+    if builders[suffix] in ("csv", "text"):
+        read_text(path)  # a file that is not UTF-8: named here, with its line, not deep inside `datasets`
     from datasets import load_dataset
 
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
@@ -182,11 +198,11 @@ def read_documents(path: str | Path) -> list[str]:
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".txt", ".md") and p.is_file())
         if not files:
             raise PromptDataError(f"{path.resolve()}: no .txt or .md documents in this folder")
-        return [f.read_text(encoding="utf-8") for f in files]
+        return [read_text(f) for f in files]
     if not path.is_file():
         raise PromptDataError(f"documents not found: {path.resolve()}")
     if path.suffix.lower() in (".txt", ".md"):
-        return [path.read_text(encoding="utf-8")]
+        return [read_text(path)]
     texts = []
     for where, record in read_records(path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):

@@ -28,7 +28,8 @@ def write_teacher_samples(cfg: RunConfig, out: Path, split: str = "train", only_
     """Sample `sampling.samples_per_prompt` teacher completions for each prompt of `split` and write
     them to `out`. With `only_correct`, keep the completions the grader scores 1 (rejection
     sampling); the cost of the rejected ones is spread over the kept ones, since it was paid."""
-    from opd.loop import prompt_records, seed_everything
+    from opd.data.sources import prompt_records
+    from opd.loop import seed_everything
 
     if cfg.teacher is None:
         raise ConfigError("opd sample needs a `teacher` (the model that writes the completions)")

@@ -1,0 +1,90 @@
+"""Assembling a run's roles from its config: the learner (the student's weights and optimizer),
+the sampler, the teacher (in process or served) and the data.
+
+Tokenizers are compared before any weights are loaded, so a mismatched pair is refused in seconds
+rather than after minutes of loading (or de-quantising) both models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+
+from opd.config import ConfigError, ModelConfig, RunConfig
+from opd.data.sources import RunData, load_data
+from opd.learner.learner import Learner, objective_of
+from opd.models import load_model, load_tokenizer, pick_device
+from opd.roles import Sampler, Teacher, check_output_sizes
+from opd.sampler.hf import HFSampler
+from opd.tasks import is_graded
+from opd.teacher.hf import HFTeacher
+
+
+@dataclass
+class Components:
+    learner: Learner
+    sampler: Sampler
+    teacher: Teacher | None
+    tokenizer: object
+    data: RunData
+    same_output_size: bool  # student and teacher heads of one size: exact KL can be measured
+
+    def close(self) -> None:
+        if self.teacher is not None:
+            self.teacher.close()
+
+
+def load_teacher(spec: ModelConfig, device: torch.device, student_tokenizer, chunk_size: int,
+                 micro_batch_size: int) -> Teacher:
+    """A served teacher (spec.url) or a Hugging Face model in process, checked to tokenize exactly
+    as the student does before its weights are loaded."""
+    if spec.url is not None:
+        from opd.teacher.remote import RemoteTeacher
+
+        teacher = RemoteTeacher(spec, micro_batch_size=micro_batch_size)
+        try:
+            teacher.check_tokenizer(student_tokenizer)
+        except BaseException:
+            teacher.close()
+            raise
+        return teacher
+    from opd.tokenizer_check import check_tokenizers_match
+
+    check_tokenizers_match(student_tokenizer, load_tokenizer(spec))
+    model, tokenizer = load_model(spec, device)
+    teacher = HFTeacher(model, tokenizer, chunk_size, micro_batch_size)
+    teacher.verify(len(student_tokenizer))
+    return teacher
+
+
+def build(cfg: RunConfig, console: Console | None = None) -> Components:
+    """Check the tokenizers, load the models, read or generate the data."""
+    device = pick_device(cfg.train.device)
+    student_tokenizer = load_tokenizer(cfg.student)
+    teacher = None
+    if cfg.teacher is not None:
+        teacher = load_teacher(cfg.teacher, device, student_tokenizer, cfg.loss.chunk_size,
+                               cfg.train.micro_batch_size)
+    try:
+        student, tokenizer = load_model(cfg.student, device)
+        learner = Learner(student, cfg.optim, cfg.loss, cfg.train.steps, cfg.train.micro_batch_size,
+                          objective_of(cfg.loss, cfg.on_policy))
+        learner.verify(len(tokenizer))
+        same_size = check_output_sizes(learner, teacher, needs_full_distribution=learner.exact)
+        data = load_data(cfg, tokenizer)
+        if cfg.method == "rl":
+            ungraded = [p for p in data.train_prompts if not is_graded(p.record, cfg.data.grader)]
+            if ungraded:
+                raise ConfigError(f"method=rl needs a reward for every prompt, and {len(ungraded)} of "
+                                  f"{len(data.train_prompts)} have no grader (e.g. {ungraded[0].text[:60]!r}): set "
+                                  f"task.name, data.grader, or a `grader` field in each record")
+    except BaseException:
+        if teacher is not None:
+            teacher.close()
+        raise
+    if console is not None and data.skipped:
+        console.print(f"[yellow]skipped {data.skipped} prompts or examples that do not fit data.max_prompt_tokens="
+                      f"{cfg.data.max_prompt_tokens} / data.max_seq_tokens={cfg.data.max_seq_tokens}[/yellow]")
+    return Components(learner, HFSampler(student, tokenizer, cfg.sampling), teacher, tokenizer, data, same_size)

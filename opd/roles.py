@@ -1,0 +1,121 @@
+"""The three roles of a run and the contracts the loop reaches them through (DESIGN.md §3, §7).
+
+    Sampler   prompts (token ids) -> Rollouts: completions, behaviour log-probs, masks
+    Teacher   Rollouts -> TeacherScores: log pi_T of every completion token (+ top-k, + hidden states)
+    Learner   Rollouts + advantages (+ TeacherScores) -> one optimizer step; checkpoints
+
+The loop (`opd.loop`) and evaluation (`opd.evaluation`) use only what is written here, never a
+role's model object, so a served engine (a vLLM teacher or sampler, a learner under torchrun) can
+replace an in-process one without the loop changing. The in-process implementations are
+`opd.sampler.hf.HFSampler`, `opd.teacher.hf.HFTeacher` and `opd.learner.learner.Learner`; the
+served teacher is `opd.teacher.remote.RemoteTeacher`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+from opd.config import ConfigError
+from opd.flops import ModelCost
+from opd.rollouts import Rollouts
+
+
+@dataclass
+class TeacherScores:
+    """What the teacher says about a batch; every B x T tensor is aligned with `rollouts.tokens`
+    (the value at t is about token t) and is 0 outside the completion."""
+
+    logprobs: torch.Tensor  # B x T: log pi_T(y_t | x, y_<t) of the sampled token
+    # Exact (full-vocabulary) losses, in-process teacher only: final hidden states B x T x H and the
+    # function that projects them to logits (a chunk of positions at a time).
+    hidden: torch.Tensor | None = None
+    logits: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Top-k losses (a served teacher): the teacher's k most likely tokens at each position and their
+    # log-probs, B x T x k, both 0 outside the completion.
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+
+
+class OutputSizeMismatchError(ConfigError):
+    """Student and teacher heads of different sizes where full distributions are compared."""
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Draws the student's completions. `sync_weights()` is called after every optimizer step so
+    that the next batch comes from the updated policy (a no-op when the sampler shares the
+    learner's weights in process)."""
+
+    tokenizer: object
+
+    def sample(self, prompt_ids: list[list[int]], samples_per_prompt: int | None = None,
+               max_new_tokens: int | None = None, prompts: list | None = None,
+               greedy: bool = False) -> Rollouts: ...
+
+    def sync_weights(self) -> None: ...
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """Scores the student's completions. What it can return: `full_distribution` (hidden states
+    and a head, for the exact losses), `top_k` log-probs per position (0: none); `output_size` is
+    its number of logits (None when a server does not say); `cost` its FLOPs per token (None when
+    unknown, e.g. a served model whose config we do not have)."""
+
+    full_distribution: bool
+    top_k: int
+    output_size: int | None
+    cost: ModelCost | None
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise TokenizerMismatchError when the teacher would score other text than the student sampled."""
+
+    def score(self, rollouts: Rollouts, keep_hidden: bool = False) -> TeacherScores: ...
+
+    def take_metrics(self) -> dict:
+        """Counters since the last call (time waiting, requests, retries, ...); {} when none."""
+
+
+@runtime_checkable
+class Learner(Protocol):
+    """Owns the trained weights and the optimizer."""
+
+    objective: str  # policy_gradient | divergence | cross_entropy | topk_forward_kl
+    output_size: int
+    cost: ModelCost
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def train_step(self, rollouts: Rollouts, advantages: torch.Tensor | None,
+                   scores: TeacherScores | None = None) -> dict: ...
+
+    def divergence(self, rollouts: Rollouts, scores: TeacherScores, kind: str = "reverse_kl") -> float:
+        """Mean full-vocabulary divergence to the teacher over the completion tokens, no gradient."""
+
+    def save(self, directory: Path, tokenizer) -> None: ...
+
+    def load_weights(self, directory: Path) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def check_output_sizes(learner: Learner, teacher: Teacher | None, needs_full_distribution: bool) -> bool:
+    """Whether student and teacher have heads of one size (same tokenizer, but heads may be padded
+    differently: Qwen2.5 0.5B vs 7B). The sampled loss reads only the sampled token's log-prob and
+    trains either way; exact divergences need equal sizes and are refused here."""
+    if teacher is None:
+        return False
+    same = teacher.output_size is not None and teacher.output_size == learner.output_size
+    if needs_full_distribution and not same:
+        teacher_size = "an unknown number of" if teacher.output_size is None else str(teacher.output_size)
+        raise OutputSizeMismatchError(
+            f"the loss compares full distributions, but the student has {learner.output_size} output logits and the "
+            f"teacher {teacher_size} (padding rows differ); use loss.kind=sampled_reverse_kl for this pair")
+    return same
