@@ -84,20 +84,32 @@ class Teacher(Protocol):
 class Learner(Protocol):
     """Owns the trained weights and the optimizer."""
 
-    objective: str  # policy_gradient | divergence | cross_entropy | topk_forward_kl
+    objective: str  # policy_gradient | divergence | topk_forward_kl | cross_entropy
     output_size: int
     cost: ModelCost
 
     @property
     def device(self) -> torch.device: ...
 
+    @property
+    def exact(self) -> bool:
+        """Whether a step needs the teacher's full distribution (TeacherScores.hidden and .logits)."""
+
+    def verify(self, vocab_size: int) -> None:
+        """Refuse a model whose logits the learner cannot reproduce chunk by chunk."""
+
     def train_step(self, rollouts: Rollouts, advantages: torch.Tensor | None,
-                   scores: TeacherScores | None = None) -> dict: ...
+                   scores: TeacherScores | None = None) -> dict:
+        """One optimizer step; a non-finite loss or gradient skips the update (metrics `skipped`)."""
 
     def divergence(self, rollouts: Rollouts, scores: TeacherScores, kind: str = "reverse_kl") -> float:
         """Mean full-vocabulary divergence to the teacher over the completion tokens, no gradient."""
 
-    def save(self, directory: Path, tokenizer) -> None: ...
+    def save(self, directory: Path, tokenizer) -> None:
+        """A Hugging Face directory (full weights or a LoRA adapter) with the tokenizer."""
+
+    def nonfinite_tensors(self) -> list[str]:
+        """Names of weights holding NaN or inf: a checkpoint is never written from them."""
 
     def load_weights(self, directory: Path) -> None: ...
 
