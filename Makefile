@@ -58,7 +58,7 @@ bench-remote-teacher: $(STAMP) $(VLLM_STAMP) $(SMOLLM2)
 	$(BIN)/python benchmarks/remote_teacher.py
 
 # Random kill -9 / Ctrl-C / disk full during real runs of every method, then --resume; checks
-# that nothing is lost (not in CI: ~20 minutes on 2 cores). Results: runs/chaos/summary.json.
+# that nothing is lost (not in CI: 5-10 minutes on 2 cores). Results: runs/chaos/summary.json.
 chaos: $(STAMP)
 	$(BIN)/python scripts/chaos.py --trials 12
 

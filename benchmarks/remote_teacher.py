@@ -44,150 +44,32 @@ Writes the tables, the command, the date, `uptime` and the thread settings to --
 from __future__ import annotations
 
 import argparse
-import atexit
 import datetime
 import os
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from opd.vllm_server import VLLMServer
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 START_TIMEOUT_S = 420.0  # SmolLM2 on 2 busy cores; never wait forever
-STOP_GRACE_S = 15.0
 REQUEST_TIMEOUT_S = 300.0
 # The tests' tiny teacher (tests/vllm/conftest.py TEACHER): head size 32, peaked distribution.
 TINY_TEACHER = dict(hidden_size=64, num_layers=2, num_heads=2, seed=2, pretrain_steps=0, init_std=0.5)
 
 
-# --- a vLLM server in its own process group (the few lines of tests/vllm/conftest.py's VLLMServer) ---
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class VLLMServer:
-    def __init__(self, python: Path, model_dir: Path, log_path: Path, bind: str | None):
-        self.python, self.model_dir, self.log_path, self.bind = python, model_dir, log_path, bind
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-        self.start_s: float | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def command(self) -> list[str]:
-        return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
-                "--dtype", "float32", "--max-model-len", "512", "--max-logprobs", "20", "--enforce-eager",
-                "--generation-config", "vllm", "--host", "127.0.0.1", "--port", str(self.port)]
-
-    def env(self) -> dict:
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
-                   DO_NOT_TRACK="1", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                   TMPDIR=str(self.log_path.parent))
-        if self.bind is not None:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = self.bind
-        for key in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):  # .venv's must not leak into .venv-vllm
-            env.pop(key, None)
-        return env
-
-    def start(self) -> "VLLMServer":
-        t0 = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=self.env(), start_new_session=True)
-        _LIVE.append(self)
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the vLLM server exited with code {self.proc.returncode} before it was healthy; "
-                                   f"log tail:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            if time.monotonic() - t0 > START_TIMEOUT_S:
-                self.stop()
-                raise RuntimeError(f"the vLLM server was not healthy after {START_TIMEOUT_S:.0f} s; log tail:\n"
-                                   f"{self.log_tail()}")
-            time.sleep(0.5)
-        self.start_s = time.monotonic() - t0
-        return self
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the live processes in the server's process group."""
-        if self.proc is None:
-            return 0.0
-        total, tick = 0, os.sysconf("SC_CLK_TCK")
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == self.proc.pid:  # pgrp; the leader's pid is the group id
-                total += int(fields[11]) + int(fields[12])
-        return total / tick
-
-    def wait_idle(self, timeout: float = 10.0) -> None:
-        """Until the server's processes use (almost) no CPU: after a request vLLM finishes its
-        bookkeeping for a moment; the next measured call (of any system) starts on quiet cores."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            before = self.cpu_seconds()
-            time.sleep(0.2)
-            if self.cpu_seconds() - before <= 0.01:
-                return
-
-    def stop(self) -> None:
-        """SIGTERM to the group (vLLM frees its shared memory), then SIGKILL to whatever is left."""
-        if self.proc is None:
-            return
-        for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 30.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                self.proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                pass
-        if self in _LIVE:
-            _LIVE.remove(self)
-
-
-_LIVE: list[VLLMServer] = []
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    for server in list(_LIVE):
-        server.stop()
-
-
 def _exit_on_signal(signum, frame):
-    raise SystemExit(128 + signum)  # runs the finally blocks and atexit: servers are stopped
+    raise SystemExit(128 + signum)  # runs the finally blocks (servers are stopped) and atexit
 
 
 # --- the batch ---
@@ -237,12 +119,13 @@ def measure(name: str, model_dir: Path, args, reps: int, threads: int, log_dir: 
     scored = int(rollouts.completion_mask.sum())
     in_process = HFTeacher(model, tokenizer, micro_batch_size=args.micro_batch)
     bind = None if args.server_bind == "auto" else f"0-{threads - 1}"
-    server = VLLMServer(args.vllm_python, model_dir, log_dir / f"vllm-{name}.log", bind)
+    server = VLLMServer(args.vllm_python, model_dir, log_dir / f"vllm-{name}.log", omp_bind=bind,
+                        start_timeout_s=START_TIMEOUT_S)
     teachers = []
     try:
         print(f"[{name}] starting the vLLM server ({model_dir.name}) ...", flush=True)
         server.start()
-        print(f"[{name}] server healthy after {server.start_s:.0f} s at {server.url}", flush=True)
+        print(f"[{name}] server healthy after {server.start_seconds:.0f} s at {server.url}", flush=True)
         systems = [System("in-process (HFTeacher)", in_process.score)]
         configs = [(k, 1) for k in args.in_flight] + ([(max(args.in_flight), args.batched)] if args.batched > 1 else [])
         for k, rows in configs:
@@ -292,7 +175,7 @@ def measure(name: str, model_dir: Path, args, reps: int, threads: int, log_dir: 
         rows.append({"system": s.name, "in_flight": s.in_flight, "rows_per_request": s.rows_per_request,
                      "median": statistics.median(rates), "min": min(rates), "max": max(rates),
                      "ratio": statistics.median(rates) / base, "max_diff": s.max_diff})
-    return {"name": name, "rows": rows, "scored": scored, "start_s": server.start_s, "server_cpu": server_cpu,
+    return {"name": name, "rows": rows, "scored": scored, "start_s": server.start_seconds, "server_cpu": server_cpu,
             "in_process_wall": in_process_wall, "vocab": vocab, "reps": reps, "lowest": lowest}
 
 

@@ -10,6 +10,13 @@ One loop serves every method (`opd distill | rl | sft | midtrain --config run.ya
 * sft / midtrain: the batch is fixed token sequences (completions, documents) and the learner
   takes the cross-entropy step; nothing is sampled or scored.
 Every step counts tokens, FLOPs (opd.flops) and wall time per phase, cumulatively.
+
+The roles are built by `opd.components` and reached only through their contracts (`opd.roles`):
+`sampler.sample` / `sync_weights`, `teacher.score`, `learner.train_step`, so a served teacher (or
+sampler) stands in for an in-process one without this file changing. What can stop a run keeps
+it resumable: a teacher server that stays down (a checkpoint of the last finished step, then an
+error), non-finite steps (skipped; too many in a row stop the run), Ctrl-C (a checkpoint, exit 130
+from the CLI).
 """
 
 from __future__ import annotations

@@ -98,3 +98,32 @@ def test_the_summary_of_an_interrupted_run_says_no_final_evaluation_ran(tmp_path
     monkeypatch.setattr(cli, "console", Console(file=out, width=300))
     cli._print_summary({**summary, "start_eval": None, "last_eval": {}, "last_eval_step": None})
     assert "no evaluation set" in out.getvalue()
+
+
+@pytest.mark.parametrize("free", [0, 10 << 30])
+def test_any_failed_checkpoint_write_is_one_clear_error_and_a_full_disk_says_so(tmp_path, monkeypatch, free):
+    """torch.save reports a full disk in its own words ("basic_ios::clear: iostream error", seen with a
+    real full tmpfs in scripts/chaos.py): the free space decides whether to say "no space left"."""
+    import collections
+
+    import opd.learner.checkpoint as ckpt
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, [*SFT, "train.steps=2", "checkpoint.every=1", f"run_dir={run_dir}"])
+    train(cfg, stop_after=1)
+
+    def failing_save(obj, path, *args, **kwargs):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage(free + 1, 1, free))
+    with pytest.raises(ckpt.CheckpointWriteError) as err:
+        train(cfg, resume=True)
+    message = str(err.value)
+    assert ("no space left on the device" in message) == (free == 0)
+    assert "basic_ios" in message or free == 0
+    assert "checkpoints/latest still names step_000001" in message
+    monkeypatch.undo()
+    assert latest_checkpoint(run_dir).name == "step_000001"
+    assert train(cfg, resume=True)["steps_done"] == 2

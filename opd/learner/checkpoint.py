@@ -91,6 +91,14 @@ def _latest_name(root: Path) -> str | None:
         return None
 
 
+def _disk_full(path: Path, margin: int = 1 << 20) -> bool:
+    """Whether the file system holding `path` has (almost) no space left."""
+    try:
+        return shutil.disk_usage(path).free < margin
+    except OSError:
+        return False
+
+
 def _no_space(err: BaseException) -> bool:
     if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
         return True
@@ -136,11 +144,9 @@ def save_checkpoint(run_dir: Path, step: int, learner, tokenizer, trainer_state:
             latest_tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(root)
-    except Exception as err:
+    except Exception as err:  # torch.save reports a failed write as a RuntimeError in its own words
+        full = _no_space(err) or _disk_full(root)  # before the partial copy is removed and frees space
         shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(err, OSError) and not _no_space(err):  # not a failed write: a bug, shown as it is
-            raise
-        full = _no_space(err)
         reason = "no space left on the device" if full else f"{type(err).__name__}: {err}"
         raise CheckpointWriteError(
             f"could not write the checkpoint of step {step} to {final}: {reason}. The partial copy was removed; "

@@ -1,0 +1,316 @@
+"""Chaos test: random faults during real `opd` runs, then `--resume`; nothing may be lost.
+
+    .venv/bin/python scripts/chaos.py --trials 12 --seed 0      # or: make chaos  (5-10 min on 2 cores)
+    .venv/bin/python scripts/chaos.py --trials 4 --methods sft,midtrain --out runs/chaos
+
+Each trial picks a method and a fault (seeded), runs `opd <method>` on tiny models as a subprocess
+and injects the fault:
+  kill9       SIGKILL after a random step, sometimes while a checkpoint is being written  -> rc -9
+  sigint      one Ctrl-C: the step finishes, a checkpoint of it is saved                  -> rc 130
+  sigint2     two Ctrl-C 50 ms apart: stops at once, without saving this step            -> rc 130
+  disk_full   the run directory is a small tmpfs (mounted here, as root) that fills up during a
+              checkpoint; without root, RLIMIT_FSIZE makes a large write fail      -> rc != 0, one-line error
+Then it resumes (`--resume`, no fault, at most 3 times) and checks: `checkpoints/latest` names a
+loadable checkpoint with finite weights, metrics.jsonl holds steps 0..N exactly once (no torn line),
+and the final weights equal an uninterrupted run's (bit for bit; computed once per method under
+OUT/baseline). A summary table is printed and written as JSON to OUT/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+ROOT = Path(__file__).resolve().parent.parent
+OPD = ROOT / ".venv" / "bin" / "opd"
+STEPS, TIMEOUT = 6, 300
+TINY = ["student.tiny.hidden_size=32", "student.tiny.seed=1", "teacher.tiny.hidden_size=64", "teacher.tiny.seed=2",
+        "teacher.tiny.pretrain_steps=0", "task.train_size=64", "task.eval_size=4", "train.prompts_per_step=4",
+        "sampling.samples_per_prompt=2", "sampling.max_new_tokens=12", "log.progress=false",
+        "log.tensorboard=false", "eval.every=0", f"train.steps={STEPS}"]
+METHOD_ARGS = {"distill": ["task.name=arithmetic"], "rl": ["task.name=arithmetic"], "sft": ["task.name=arithmetic"],
+               "midtrain": ["task.name=knowledge", "task.knowledge.people=4", "data.max_seq_tokens=64"]}
+FAULTS = ["kill9", "sigint", "sigint2", "disk_full"]
+CHILDREN: list[subprocess.Popen] = []
+MOUNTS: list[Path] = []
+
+
+def launch(method, run_dir, every, out: Path, resume=False, preexec=None) -> subprocess.Popen:
+    cmd = [str(OPD), method, *TINY, *METHOD_ARGS[method], f"checkpoint.every={every}", f"run_dir={run_dir}"]
+    cmd += ["--resume"] if resume else []
+    out.with_suffix(".cmd").write_text(" ".join(cmd) + "\n")
+    proc = subprocess.Popen(cmd, stdout=open(out.with_suffix(".out"), "w"), stderr=open(out.with_suffix(".err"), "w"),
+                            preexec_fn=preexec, cwd=ROOT)
+    CHILDREN.append(proc)
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout=TIMEOUT) -> int | str:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return f"timeout after {timeout} s"
+
+
+def metrics_steps(run_dir: Path) -> list[int]:
+    """The step of every row of metrics.jsonl; a line that is not JSON raises ValueError."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_bytes().split(b"\n") if path.exists() else []
+    if lines and lines[-1] == b"":
+        lines.pop()
+    steps = []
+    for i, line in enumerate(lines, 1):
+        try:
+            steps.append(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"metrics.jsonl line {i} of {len(lines)} is not a JSON row: {line[:60]!r}") from None
+    return steps
+
+
+def latest(run_dir: Path) -> tuple[int, dict] | None:
+    """(step, weights) of the checkpoint `latest` names, checked loadable and finite; None if none yet."""
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    ckpt = pointer.parent / pointer.read_text().strip()
+    weights = load_safetensors((ckpt / "model" / "model.safetensors").read_bytes())  # no mmap: tmpfs unmounts
+    bad = [k for k, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    assert not bad, f"{ckpt.name}: non-finite tensors {bad[:3]}"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert state["step"] == int(ckpt.name.split("_")[1]), f"{ckpt.name} holds step {state['step']}"
+    return state["step"], weights
+
+
+def poll(proc, cond, timeout=TIMEOUT, every=0.005) -> bool:
+    """Wait until cond() holds (True) or the process exits (False)."""
+    end = time.time() + timeout
+    while time.time() < end and proc.poll() is None:
+        if cond():
+            return True
+        time.sleep(every)
+    return False
+
+
+def rows_at_least(run_dir, n):
+    path = run_dir / "metrics.jsonl"
+    return lambda: path.exists() and path.read_bytes().count(b"\n") >= n
+
+
+def baseline(method: str, out: Path) -> dict:
+    """Final weights of an uninterrupted run (cached), the size of one checkpoint, seconds per step."""
+    base = out / "baseline" / method
+    done = base / "run" / "checkpoints" / "latest"
+    args = base / "args.json"
+    if not done.exists() or not args.exists() or args.read_text() != json.dumps(TINY + METHOD_ARGS[method]):
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True)
+        rc = finish(launch(method, base / "run", 1, base / "run_log"))
+        assert rc == 0, f"baseline {method} failed (rc {rc}): see {base}/run_log.err"
+        args.write_text(json.dumps(TINY + METHOD_ARGS[method]))
+    step, weights = latest(base / "run")
+    ckpt = base / "run" / "checkpoints" / f"step_{step:06d}"
+    size = sum(-(-p.stat().st_size // 4096) * 4096 for p in ckpt.rglob("*") if p.is_file())
+    last = json.loads((base / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"weights": weights, "ckpt_bytes": size, "step_s": last["wall_s_total"] / STEPS}
+
+
+def inject(fault, method, run_dir: Path, tdir: Path, rng, base, every) -> dict:
+    """Run with the fault; returns what happened and the problems seen."""
+    info, problems = {"fault": fault}, []
+    preexec = None
+    if fault == "disk_full":
+        room = 64 * 1024 + int(base["ckpt_bytes"] * rng.uniform(1.3, 2.8))
+        run_dir.mkdir(parents=True)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(run_dir)],
+                          capture_output=True).returncode == 0:
+            MOUNTS.append(run_dir)
+            info["mechanism"] = f"tmpfs of {room} bytes"
+        else:
+            limit = int(base["ckpt_bytes"] * rng.uniform(0.35, 0.6))
+            info["mechanism"] = f"RLIMIT_FSIZE {limit} bytes, SIGXFSZ ignored"
+
+            def preexec():
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    proc = launch(method, run_dir, every, tdir / "fault", preexec=preexec)
+    at = rng.randint(2, STEPS - 1)  # metrics rows written before the fault: step 0 (eval) .. at-1
+    fired = True
+    if fault == "kill9":
+        during_ckpt = rng.random() < 0.4
+        info["when"] = f"{'writing the first checkpoint after' if during_ckpt else 'soon after'} step {at - 1}"
+        ckpts = run_dir / "checkpoints"
+        fired = poll(proc, rows_at_least(run_dir, at))
+        if fired and during_ckpt:
+            fired = poll(proc, lambda: ckpts.exists() and any(ckpts.glob(".tmp_step_*")))
+        elif fired:
+            time.sleep(rng.uniform(0, 1.5 * base["step_s"]))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+    elif fault in ("sigint", "sigint2"):
+        info["when"] = f"after step {at - 1}"
+        fired = poll(proc, rows_at_least(run_dir, at))
+        time.sleep(rng.uniform(0, 1.5 * base["step_s"]))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            if fault == "sigint2":
+                time.sleep(0.05)
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+    rc = finish(proc)
+    err = (tdir / "fault.err").read_text()
+    info.update(rc=rc, stderr_tail=err.strip().splitlines()[-3:])
+    summary = run_dir / "summary.json"
+    done = summary.exists() and not json.loads(summary.read_text()).get("interrupted")
+    if rc == 0 or (done and rc in (-signal.SIGINT, -signal.SIGKILL)):
+        # the run had finished before the fault (a SIGINT then meets Python's default handler at exit):
+        # nothing to check but the end state
+        info["missed"] = True
+        return {**info, "problems": problems}
+    if not fired:
+        problems.append(f"the run exited {rc} before the fault was injected")
+    expected = {"kill9": -9, "sigint": 130, "sigint2": 130}.get(fault)
+    if expected is not None and rc != expected:
+        problems.append(f"exit code {rc}, expected {expected}")
+    if fault == "disk_full":
+        lines = [l for l in err.splitlines() if l.startswith("error:")]
+        info["cli_said"] = lines or err.strip().splitlines()[-1:]
+        if rc in (0, 130) or not isinstance(rc, int) or len(lines) != 1:
+            problems.append(f"expected a non-zero exit with one 'error:' line, got rc {rc} and a traceback ending "
+                            f"{info['cli_said']}")
+        elif "space" not in lines[0].lower() and "too large" not in lines[0].lower():
+            problems.append(f"the error does not say the disk is full: {lines[0]}")
+        if any((run_dir / "checkpoints").glob(".tmp_step_*")):
+            problems.append("a partial checkpoint (.tmp_step_*) was left behind")
+    try:
+        ckpt = latest(run_dir)
+        info["latest_after_fault"] = ckpt and ckpt[0]
+        if fault == "sigint":
+            last = max(metrics_steps(run_dir))
+            if ckpt is None or ckpt[0] != last:
+                problems.append(f"Ctrl-C after step {last}: latest is {ckpt and ckpt[0]}, not a checkpoint of it")
+    except Exception as e:  # noqa: BLE001 — anything here is a finding
+        problems.append(f"after the fault, latest is not loadable: {type(e).__name__}: {e}")
+    return {**info, "problems": problems}
+
+
+def trial(i, method, fault, out: Path, rng) -> dict:
+    tdir = out / "trials" / f"{i:02d}_{method}_{fault}"
+    shutil.rmtree(tdir, ignore_errors=True)
+    tdir.mkdir(parents=True)
+    run_dir = tdir / "run"
+    base = baseline(method, out)
+    every = 1 if fault == "disk_full" else rng.choice([1, 2])
+    result = {"trial": i, "method": method, "checkpoint_every": every, "dir": str(tdir),
+              **inject(fault, method, run_dir, tdir, rng, base, every)}
+    problems = result["problems"]
+    if run_dir in MOUNTS:  # free the space again before resuming
+        subprocess.run(["mount", "-o", "remount,size=256m", str(run_dir)], check=True)
+    for attempt in range(1, 4):
+        if result.get("missed"):
+            break
+        rc = finish(launch(method, run_dir, every, tdir / f"resume{attempt}", resume=True))
+        result["resumes"] = attempt
+        if rc == 0:
+            break
+        problems.append(f"--resume #{attempt} exited {rc}: {(tdir / f'resume{attempt}.err').read_text()[-300:]!r}")
+    try:
+        steps = metrics_steps(run_dir)
+        if steps != list(range(STEPS + 1)):
+            problems.append(f"metrics.jsonl steps are {steps}, expected 0..{STEPS} once each")
+        ckpt = latest(run_dir)
+        if ckpt is None or ckpt[0] != STEPS:
+            problems.append(f"latest is step {ckpt and ckpt[0]}, expected {STEPS}")
+        else:
+            diffs = {k: (t - base["weights"][k]).abs().max().item() for k, t in ckpt[1].items()
+                     if not torch.equal(t, base["weights"][k])}
+            if diffs or ckpt[1].keys() != base["weights"].keys():
+                worst = max(diffs.items(), key=lambda kv: kv[1]) if diffs else None
+                problems.append(f"final weights differ from the uninterrupted run in {len(diffs)} tensors "
+                                f"(largest: {worst}); keys equal: {ckpt[1].keys() == base['weights'].keys()}")
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"final state unreadable: {type(e).__name__}: {e}")
+    if run_dir in MOUNTS:
+        shutil.copytree(run_dir, tdir / "run.saved")
+        subprocess.run(["umount", str(run_dir)], check=False)
+        MOUNTS.remove(run_dir)
+    result["passed"] = not problems
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", default="distill,rl,sft,midtrain")
+    ap.add_argument("--faults", default=",".join(FAULTS))
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "chaos")
+    args = ap.parse_args()
+    methods, faults = args.methods.split(","), args.faults.split(",")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OPD_CACHE", str(out / "opd_cache"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    rng = random.Random(args.seed)
+    # balanced: len(methods) * len(faults) trials cover every pair once; the order is seeded
+    ms, fs = rng.sample(methods, len(methods)), rng.sample(faults, len(faults))
+    plan = [(ms[(i + i // len(fs)) % len(ms)], fs[i % len(fs)]) for i in range(args.trials)]
+    rng.shuffle(plan)
+    start, results = time.time(), []
+    try:
+        for i, (method, fault) in enumerate(plan, 1):
+            t = time.time()
+            r = trial(i, method, fault, out, random.Random(f"{args.seed}-{i}"))
+            r["seconds"] = round(time.time() - t, 1)
+            results.append(r)
+            status = "ok" if r["passed"] else "FAIL: " + " | ".join(r["problems"])
+            extra = (f" ({r.get('mechanism', '')}; latest after it: {r.get('latest_after_fault')}; "
+                     f"CLI said: {r.get('cli_said')})" if fault == "disk_full" else "")
+            print(f"[{i}/{len(plan)}] {method:8s} {fault:9s} {r.get('when', '')} rc={r['rc']} "
+                  f"resumes={r.get('resumes', 0)}{' (fault missed)' if r.get('missed') else ''}{extra} "
+                  f"{r['seconds']}s  {status}", flush=True)
+    finally:
+        for p in CHILDREN:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for m in MOUNTS:
+            subprocess.run(["umount", str(m)], check=False)
+    table = {}
+    for r in results:
+        cell = table.setdefault(r["method"], {}).setdefault(r["fault"], [0, 0])
+        cell[0] += r["passed"]
+        cell[1] += 1
+    print(f"\n{'method':10s}" + "".join(f"{f:>11s}" for f in faults))
+    for m in methods:
+        print(f"{m:10s}" + "".join(f"{'%d/%d' % tuple(table.get(m, {}).get(f, (0, 0))):>11s}" for f in faults))
+    failed = [r for r in results if not r["passed"]]
+    kinds = len({r["fault"] for r in results if not r.get("missed")})
+    wall = time.time() - start
+    missed = sum(bool(r.get("missed")) for r in results)
+    line = (f"{len(results)} trials ({missed} with the fault after the run's end), {kinds} kinds of fault, "
+            + ("nothing lost" if not failed else f"{len(failed)} FAILED: trials {[r['trial'] for r in failed]}")
+            + f" ({wall / 60:.1f} min)")
+    print(line)
+    (out / "summary.json").write_text(json.dumps(
+        {"summary": line, "seed": args.seed, "wall_s": round(wall, 1), "steps": STEPS, "table": table,
+         "trials": results}, indent=2, default=str) + "\n")
+    print(f"written: {out / 'summary.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
