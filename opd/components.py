@@ -29,7 +29,6 @@ class Components:
     teacher: Teacher | None
     tokenizer: object
     data: RunData
-    same_output_size: bool  # student and teacher heads of one size: exact KL can be measured
 
     def close(self) -> None:
         if self.teacher is not None:
@@ -52,8 +51,9 @@ def load_teacher(spec: ModelConfig, device: torch.device, student_tokenizer, chu
         return teacher
     from opd.tokenizer_check import check_tokenizers_match
 
-    check_tokenizers_match(student_tokenizer, load_tokenizer(spec))
-    model, tokenizer = load_model(spec, device)
+    teacher_tokenizer = load_tokenizer(spec)
+    check_tokenizers_match(student_tokenizer, teacher_tokenizer)
+    model, tokenizer = load_model(spec, device, teacher_tokenizer)
     teacher = HFTeacher(model, tokenizer, chunk_size, micro_batch_size)
     teacher.verify(len(student_tokenizer))
     return teacher
@@ -68,11 +68,11 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
         teacher = load_teacher(cfg.teacher, device, student_tokenizer, cfg.loss.chunk_size,
                                cfg.train.micro_batch_size)
     try:
-        student, tokenizer = load_model(cfg.student, device)
+        student, tokenizer = load_model(cfg.student, device, student_tokenizer)
         learner = Learner(student, cfg.optim, cfg.loss, cfg.train.steps, cfg.train.micro_batch_size,
                           objective_of(cfg.loss, cfg.on_policy))
         learner.verify(len(tokenizer))
-        same_size = check_output_sizes(learner, teacher, needs_full_distribution=learner.exact)
+        check_output_sizes(learner, teacher, needs_full_distribution=learner.exact)  # exact losses: refused here
         data = load_data(cfg, tokenizer)
         if cfg.method == "rl":
             ungraded = [p for p in data.train_prompts if not is_graded(p.record, cfg.data.grader)]
@@ -87,4 +87,4 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
     if console is not None and data.skipped:
         console.print(f"[yellow]skipped {data.skipped} prompts or examples that do not fit data.max_prompt_tokens="
                       f"{cfg.data.max_prompt_tokens} / data.max_seq_tokens={cfg.data.max_seq_tokens}[/yellow]")
-    return Components(learner, HFSampler(student, tokenizer, cfg.sampling), teacher, tokenizer, data, same_size)
+    return Components(learner, HFSampler(student, tokenizer, cfg.sampling), teacher, tokenizer, data)

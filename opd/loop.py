@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from opd.advantages import compute_advantages
@@ -39,7 +40,8 @@ from opd.config import ConfigError, RunConfig
 from opd.data import PromptSchedule
 from opd.evaluation import evaluate_prompts, grade_rollouts, reward_metrics, rewards_of, rollout_metrics
 from opd.flops import sampling_flops, scoring_flops, training_flops
-from opd.learner.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from opd.learner.checkpoint import (NonFiniteWeightsError, latest_checkpoint, load_trainer_state, rng_state,
+                                    save_checkpoint, set_rng_state)
 from opd.roles import TeacherScores
 from opd.rollouts import Rollouts, sequence_batch
 from opd.run_dir import RunLock, RunLog
@@ -74,7 +76,7 @@ def evaluate(components: Components, cfg: RunConfig) -> dict:
     for name, prompts in components.data.eval_sets.items():
         metrics, _ = evaluate_prompts(prompts, components.sampler, cfg.eval,
                                       cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, components.teacher,
-                                      cfg.data.grader, components.learner if components.same_output_size else None)
+                                      cfg.data.grader, components.learner)
         prefix = f"eval/{name}/" if name else "eval/"
         out.update({prefix + k: v for k, v in metrics.items()})
     return out
@@ -288,13 +290,13 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
 
     def save(step: int, rng: dict | None = None, step_totals: dict | None = None) -> Path | None:
         """A checkpoint after `step`; never from non-finite weights (the last good one stays `latest`)."""
-        if learner.nonfinite_tensors():
-            console.print(f"[red]step {step}: the weights are not finite; no checkpoint written "
-                          f"(latest: {latest_checkpoint(run_dir)})[/red]")
-            return None
         state = {"step": step, "learner": learner.state_dict(), "rng": rng or rng_state(),
                  "totals": step_totals or totals, "config": cfg.model_dump(mode="json")}
-        return save_checkpoint(run_dir, step, learner, tokenizer, state, cfg.checkpoint.keep_last)
+        try:
+            return save_checkpoint(run_dir, step, learner, tokenizer, state, cfg.checkpoint.keep_last)
+        except NonFiniteWeightsError as err:
+            console.print(f"[red]{escape(str(err))}[/red]")
+            return None
 
     def timed_evaluate() -> dict:
         t = time.perf_counter()

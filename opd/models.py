@@ -68,28 +68,27 @@ def load_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase:
         cached = _gguf_cache_dir(gguf_path)
         if (cached / "config.json").is_file():
             return _tokenizer_from(cached)
-        try:
-            import gguf  # noqa: F401  (transformers needs it to read the file)
-        except ImportError:
-            raise ImportError("loading a GGUF file needs the `gguf` package: pip install 'opd[gguf]'") from None
+        _require_gguf()
         with _quiet_transformers():
             return _with_pad(AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name))
     return _tokenizer_from(_resolve_directory(spec))
 
 
-def load_model(spec: ModelConfig, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model and tokenizer for one role, on `device`, in `spec.dtype`, LoRA applied if asked."""
+def load_model(spec: ModelConfig, device: torch.device,
+               tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model and tokenizer for one role, on `device`, in `spec.dtype`, LoRA applied if asked.
+    `tokenizer`: this model's, already loaded by `load_tokenizer` (to compare tokenizers first)."""
     _no_url(spec, "load_model")
     dtype = DTYPES[spec.dtype]
     if spec.tiny is not None:
         from opd.tiny import build_tiny_model
 
-        tokenizer = load_tokenizer(spec)
+        tokenizer = tokenizer or load_tokenizer(spec)
         model = build_tiny_model(spec.tiny, tokenizer).to(dtype)
     else:
         directory = _resolve_directory(spec)
         _check_weights(Path(directory))
-        tokenizer = _tokenizer_from(directory)
+        tokenizer = tokenizer or _tokenizer_from(directory)
         try:
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
         except Exception as err:
@@ -224,6 +223,13 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def _require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError:
+        raise ImportError("loading a GGUF file needs the `gguf` package: pip install 'opd[gguf]'") from None
+
+
 def _gguf_cache_dir(gguf_path: Path) -> Path:
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -235,10 +241,7 @@ def convert_gguf(gguf_path: Path) -> Path:
     target = _gguf_cache_dir(gguf_path)
     if (target / "config.json").is_file():
         return target
-    try:
-        import gguf  # noqa: F401  (transformers needs it to read the file)
-    except ImportError:
-        raise ImportError("loading a GGUF file needs the `gguf` package: pip install 'opd[gguf]'") from None
+    _require_gguf()
     # Ask for dense weights: we train them. transformers >= 5 otherwise keeps GGUF blocks when it has
     # kernels for them, and marks even de-quantised models as GGUF-quantized (not serializable).
     try:

@@ -115,6 +115,12 @@ def _short(value, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _listed(items: list[str], max_listed: int) -> str:
+    """The first `max_listed` items, one per indented line, and how many more there are."""
+    more = [f"(and {len(items) - max_listed} more)"] if len(items) > max_listed else []
+    return "".join(f"\n    {item}" for item in [*items[:max_listed], *more])
+
+
 def probe_differences(student: PreTrainedTokenizerBase, encode: Callable[[str], list[int]],
                       decode: Callable[[list[int]], str] | None = None, max_listed: int = 5,
                       texts: list[str] | None = None, id_slices: list[list[int]] | None = None) -> list[str]:
@@ -139,9 +145,8 @@ def probe_differences(student: PreTrainedTokenizerBase, encode: Callable[[str], 
                              f"teacher {theirs[first:first + 4]})")
     problems = []
     if encodings:
-        shown = "\n    ".join(encodings[:max_listed])
-        more = f"\n    (and {len(encodings) - max_listed} more)" if len(encodings) > max_listed else ""
-        problems.append(f"{len(encodings)} of {len(texts)} probe texts are tokenized differently:\n    {shown}{more}")
+        problems.append(f"{len(encodings)} of {len(texts)} probe texts are tokenized differently:"
+                        f"{_listed(encodings, max_listed)}")
 
     if decode is not None:
         slices = detokenize_slices(len(student)) if id_slices is None else id_slices
@@ -157,9 +162,8 @@ def probe_differences(student: PreTrainedTokenizerBase, encode: Callable[[str], 
                 decodings.append(f"ids {ids[0]}..{ids[-1]} decode to {_short(ours)} for the student, "
                                  f"{_short(theirs)} for the teacher")
         if decodings:
-            shown = "\n    ".join(decodings[:max_listed])
-            more = f"\n    (and {len(decodings) - max_listed} more)" if len(decodings) > max_listed else ""
-            problems.append(f"{len(decodings)} of {len(slices)} id ranges decode differently:\n    {shown}{more}")
+            problems.append(f"{len(decodings)} of {len(slices)} id ranges decode differently:"
+                            f"{_listed(decodings, max_listed)}")
     return problems
 
 

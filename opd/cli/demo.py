@@ -188,7 +188,9 @@ def run_demo(run_dir: Path, quick: bool = False, overrides: list[str] = (), cons
     work; an existing `run_dir` that is not empty is replaced only with `overwrite` and only if it
     holds an earlier demo."""
     console = console or Console()
-    validate_demo(quick, overrides)
+    validate_demo(quick, overrides)  # before anything is built or deleted
+    console.print("[bold]opd demo[/bold]: distillation vs RL vs SFT from the same tiny student, on held-out "
+                  "arithmetic (teacher and student are built once, then cached)")
     with claimed_run_dir(run_dir, overwrite):
         return _run_demo(Path(run_dir), quick, list(overrides), console)
 

@@ -50,9 +50,9 @@ def _user_errors():
     """Errors that are the user's input, shown as one clear message instead of a traceback."""
     from opd.data import PromptDataError
     from opd.learner.checkpoint import CheckpointWriteError, CorruptCheckpointError, NonFiniteWeightsError
+    from opd.loop import NonFiniteTrainingError
     from opd.models import ModelNotFoundError
     from opd.run_dir import RunDirectoryError
-    from opd.loop import NonFiniteTrainingError
     from opd.tasks import GraderError
     from opd.teacher.errors import TeacherResponseError, TeacherUnavailableError
     from opd.tokenizer_check import TokenizerMismatchError
@@ -206,7 +206,6 @@ def tasks(
 def report(run_dir: Path = typer.Argument(..., help="a run directory")):
     """Write report.html (and PNGs) into a run directory: curves, and rollouts coloured by teacher KL."""
     from opd.report import ReportError, build_report
-
     from opd.run_dir import RunDirectoryError
 
     try:
@@ -226,12 +225,9 @@ def demo(
 ):
     """The embedded default: on-policy distillation, RL and SFT from one tiny student, same budget
     (arithmetic; teacher and student built locally, cached after the first run)."""
-    from opd.cli.demo import run_demo, validate_demo
+    from opd.cli.demo import run_demo
 
     try:
-        validate_demo(quick, overrides or [])  # before anything is built or deleted
-        console.print("[bold]opd demo[/bold]: distillation vs RL vs SFT from the same tiny student, on held-out "
-                      "arithmetic (teacher and student are built once, then cached)")
         run_demo(run_dir, quick, overrides or [], console, overwrite=overwrite)
     except _user_errors() as err:
         raise _fail(err)

@@ -204,7 +204,6 @@ def load_weights(model, model_dir: Path) -> None:
     model_dir = Path(model_dir)
     if _is_peft(model):
         from peft import set_peft_model_state_dict
-
         from peft.utils import load_peft_weights
         from safetensors import SafetensorError
 
