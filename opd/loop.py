@@ -25,7 +25,8 @@ import random
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,78 @@ def check_resumable(old: dict, new: dict, console: Console) -> None:
                       f" (in effect from the resumed step on; config.yaml records them)[/yellow]")
 
 
+class StudentBatches:
+    """The student's samples for each step (distill, rl).
+
+    train.max_staleness=0: a step's batch is sampled when the step starts, from the current
+    weights. 1 (one-step-off): while step n trains, batch n+1 is sampled in a background thread
+    from the weights before step n's update, so sampling and training overlap; the learner then
+    trains on it one update later, its importance ratio using the log-probs recorded by the
+    policy that sampled it. A batch sampled ahead is part of the checkpoint, so resume is exact.
+    """
+
+    def __init__(self, cfg: RunConfig, components: Components, schedule: PromptSchedule):
+        self.cfg, self.components, self.schedule = cfg, components, schedule
+        self.ahead: tuple[int, Future | Rollouts] | None = None  # (step, its batch or the sampling of it)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="opd-sample") if cfg.train.max_staleness else None
+
+    def _sample(self, step: int, seed: int | None = None) -> Rollouts:
+        prompts = [self.components.data.train_prompts[i] for i in self.schedule.indices(step - 1)]
+        return self.components.sampler.sample([p.ids for p in prompts], prompts=prompts, seed=seed)
+
+    def take(self, step: int) -> tuple[Rollouts, int]:
+        """Step `step`'s batch and its staleness (how many updates ago its policy was current)."""
+        if self.ahead is not None and self.ahead[0] == step:
+            self.wait()
+            batch, self.ahead = self.ahead[1], None
+            return batch, 1
+        return self._sample(step), 0
+
+    def sample_ahead(self, step: int) -> None:
+        """With max_staleness=1, start sampling step `step`'s batch now, from the current weights."""
+        if self.executor is None or step > self.cfg.train.steps:
+            return
+        seed = int(torch.randint(0, 2**62, ()).item())  # drawn here: the run's RNG decides the batch
+        self.ahead = (step, self.executor.submit(self._sample, step, seed))
+
+    def wait(self) -> None:
+        """Finish the sampling in flight (before the sampler's weights change, or a checkpoint)."""
+        if self.ahead is not None and isinstance(self.ahead[1], Future):
+            self.ahead = (self.ahead[0], self.ahead[1].result())
+
+    def state(self) -> dict | None:
+        self.wait()
+        return None if self.ahead is None else {"step": self.ahead[0], "batch": self.ahead[1].to("cpu")}
+
+    def restore(self, state: dict | None) -> None:
+        if state is not None:
+            self.ahead = (state["step"], state["batch"].to(self.components.learner.device))
+
+    def close(self) -> None:
+        if self.executor is not None:
+            try:
+                self.wait()
+            except Exception:  # the run is already ending on an error; a failed sample adds nothing
+                pass
+            self.executor.shutdown()
+
+
+def recompute_behaviour(cfg: RunConfig, learner, batch: Rollouts) -> dict:
+    """sampling.recompute_logprobs: the learner's own log-probs of the sampled tokens replace the
+    engine's as the behaviour log-probs; with importance_cap each token is also weighted by
+    min(pi_learner / pi_engine, cap) (truncated importance sampling), since the engine drew it."""
+    engine = batch.behaviour_logprobs
+    batch.behaviour_logprobs, batch.entropy = learner.policy_logprobs(batch)
+    mask = batch.completion_mask
+    tokens = max(float(mask.sum()), 1.0)
+    metrics = {"logprob_mismatch": float(((batch.behaviour_logprobs - engine).abs() * mask).sum()) / tokens}
+    if cfg.sampling.importance_cap is not None:
+        batch.importance_weights = torch.exp(batch.behaviour_logprobs - engine).clamp(
+            max=cfg.sampling.importance_cap) * mask
+        metrics["importance_weight_mean"] = float(batch.importance_weights.sum()) / tokens
+    return metrics
+
+
 class NonFiniteTrainingError(RuntimeError):
     """Too many steps in a row had a non-finite loss or gradient."""
 
@@ -191,7 +264,7 @@ TOTALS = ("tokens_sampled_total", "tokens_scored_total", "tokens_trained_total",
           "nonfinite_steps", "grad_clipped_steps")
 
 
-def run_step(cfg: RunConfig, components: Components, step: int, schedule: PromptSchedule | None,
+def run_step(cfg: RunConfig, components: Components, step: int, batches: StudentBatches | None,
              totals: dict, score_with_teacher: bool) -> tuple[dict, Rollouts, TeacherScores | None, list]:
     """One optimizer step of any method: batch -> scores -> advantages -> update. Returns its
     metrics (totals are updated in place), the batch, the teacher's scores and the grades."""
@@ -199,9 +272,12 @@ def run_step(cfg: RunConfig, components: Components, step: int, schedule: Prompt
     flops = {"flops_sample": 0, "flops_score": 0, "flops_train": 0, "flops_teacher": 0, "flops_data": 0}
     # 1. the batch: the student's own samples (on-policy), or fixed sequences
     t0 = time.perf_counter()
+    sampled = {}
     if cfg.on_policy:
-        prompts = [components.data.train_prompts[i] for i in schedule.indices(step - 1)]
-        batch = sampler.sample([p.ids for p in prompts], prompts=prompts)
+        batch, sampled["staleness"] = batches.take(step)
+        batches.sample_ahead(step + 1)  # max_staleness=1: overlaps with this step's scoring and training
+        if cfg.sampling.recompute_logprobs:
+            sampled.update(recompute_behaviour(cfg, learner, batch))
         flops["flops_sample"] = sampling_flops(learner.cost, batch)
         totals["tokens_sampled_total"] += int(batch.completion_mask.sum())
     else:
@@ -222,6 +298,8 @@ def run_step(cfg: RunConfig, components: Components, step: int, schedule: Prompt
     t2 = time.perf_counter()
     advantages = step_advantages(cfg, batch, scores, rewards) if learner.objective == "policy_gradient" else None
     train_metrics = learner.train_step(batch, advantages, scores)
+    if batches is not None:
+        batches.wait()  # the batch sampled ahead came from the weights before this update
     sampler.sync_weights()
     flops["flops_train"] = training_flops(learner.cost, batch)
     if learner.exact:  # the teacher's head is applied again, over the whole vocabulary, in the loss
@@ -233,6 +311,7 @@ def run_step(cfg: RunConfig, components: Components, step: int, schedule: Prompt
          "padding": 1.0 - float(batch.attention_mask.sum()) / batch.attention_mask.numel()}
     metrics.update(reward_metrics(grades, batch.group_ids) if grades else {})
     metrics.update(train_metrics)
+    metrics.update(sampled)  # the engine's log-prob mismatch, when recomputed, replaces the learner's view
     metrics.update(teacher.take_metrics() if teacher is not None else {})
     metrics.update(flops, sample_s=t1 - t0, score_s=t2 - t1, train_s=t3 - t2)
     totals["tokens_trained_total"] += metrics["tokens"]
@@ -286,12 +365,18 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
         set_rng_state(state["rng"])
         start_step, totals = state["step"], {**totals, **state["totals"]}
         console.print(f"resuming from {checkpoint} (step {start_step})")
+    components.sampler.sync_weights()  # an engine (vLLM) samples from the learner's weights from the start
     log = RunLog(cfg, resume_step=start_step if checkpoint is not None else None, restart=restart)
 
-    def save(step: int, rng: dict | None = None, step_totals: dict | None = None) -> Path | None:
-        """A checkpoint after `step`; never from non-finite weights (the last good one stays `latest`)."""
-        state = {"step": step, "learner": learner.state_dict(), "rng": rng or rng_state(),
-                 "totals": step_totals or totals, "config": cfg.model_dump(mode="json")}
+    def progress_state() -> dict:
+        """What, besides the weights, decides the rest of the run: RNG, totals, a batch sampled ahead."""
+        return {"rng": rng_state(), "totals": dict(totals), "batch_ahead": batches.state() if batches else None}
+
+    def save(step: int, progress_of_step: dict | None = None) -> Path | None:
+        """A checkpoint after `step` (with the RNG, totals and batch of `progress_of_step` when the
+        current state is a step further); never from non-finite weights (the last good one stays `latest`)."""
+        state = {"step": step, "learner": learner.state_dict(), **(progress_of_step or progress_state()),
+                 "config": cfg.model_dump(mode="json")}
         try:
             return save_checkpoint(run_dir, step, learner, tokenizer, state, cfg.checkpoint.keep_last)
         except NonFiniteWeightsError as err:
@@ -304,8 +389,10 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
         totals["eval_s_total"] += time.perf_counter() - t
         return metrics
 
-    schedule = PromptSchedule(len(data.train_prompts), cfg.train.prompts_per_step, cfg.train.seed) \
-        if cfg.on_policy else None
+    batches = StudentBatches(cfg, components, PromptSchedule(len(data.train_prompts), cfg.train.prompts_per_step,
+                                                             cfg.train.seed)) if cfg.on_policy else None
+    if batches is not None and state is not None:
+        batches.restore(state.get("batch_ahead"))
     evals = log.logged_evals() if checkpoint is not None else []
     if evals:
         first_eval, last_eval = evals[0], evals[-1]
@@ -325,16 +412,16 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
     progress = Progress(TextColumn(f"[bold]{cfg.method}[/bold]"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
                         disable=not cfg.log.progress)
-    with StopRequest(console).installed() as stop, progress:
+    with StopRequest(console).installed() as stop, progress, closing(batches) if batches else nullcontext():
         task = progress.add_task(cfg.method, total=cfg.train.steps, completed=start_step, status="")
         for step in range(start_step + 1, cfg.train.steps + 1):
             # What a checkpoint of the previous step holds, in case this step cannot finish (the
             # teacher server fails): resuming from it then replays this step exactly.
-            before = rng_state(), dict(totals)
+            before = progress_state()
             try:
-                metrics, batch, scores, grades = run_step(cfg, components, step, schedule, totals, score_with_teacher)
+                metrics, batch, scores, grades = run_step(cfg, components, step, batches, totals, score_with_teacher)
             except TeacherUnavailableError as err:
-                saved = save(step - 1, *before)
+                saved = save(step - 1, before)
                 raise TeacherUnavailableError(f"{err}\nstep {step} could not be scored; saved checkpoint {saved} "
                                               f"(step {step - 1}): restart the server, then run again with "
                                               f"--resume") from None

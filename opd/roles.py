@@ -8,7 +8,8 @@ The loop (`opd.loop`) and evaluation (`opd.evaluation`) use only what is written
 role's model object, so a served engine (a vLLM teacher or sampler, a learner under torchrun) can
 replace an in-process one without the loop changing. The in-process implementations are
 `opd.sampler.hf.HFSampler`, `opd.teacher.hf.HFTeacher` and `opd.learner.learner.Learner`; the
-served teacher is `opd.teacher.remote.RemoteTeacher`.
+served teacher is `opd.teacher.remote.RemoteTeacher`, the vLLM samplers (colocated or served)
+`opd.sampler.vllm`.
 """
 
 from __future__ import annotations
@@ -46,17 +47,20 @@ class OutputSizeMismatchError(ConfigError):
 
 @runtime_checkable
 class Sampler(Protocol):
-    """Draws the student's completions. `sync_weights()` is called after every optimizer step so
-    that the next batch comes from the updated policy (a no-op when the sampler shares the
-    learner's weights in process)."""
+    """Draws the student's completions. `sync_weights()` is called after every optimizer step (and
+    once at the start) so that the next batch comes from the learner's current weights (a no-op
+    when the sampler shares the learner's model in process). `seed`: the batch is drawn from it
+    alone (sampling in the background while the learner trains); None: from torch's generator."""
 
     tokenizer: object
 
     def sample(self, prompt_ids: list[list[int]], samples_per_prompt: int | None = None,
                max_new_tokens: int | None = None, prompts: list | None = None,
-               greedy: bool = False) -> Rollouts: ...
+               greedy: bool = False, seed: int | None = None) -> Rollouts: ...
 
     def sync_weights(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @runtime_checkable
@@ -97,6 +101,16 @@ class Learner(Protocol):
 
     def verify(self, vocab_size: int) -> None:
         """Refuse a model whose logits the learner cannot reproduce chunk by chunk."""
+
+    def policy_logprobs(self, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-prob of every completion token under the current weights and the entropy there
+        (B x T each), no gradient: recomputed behaviour log-probs."""
+
+    def policy_weights(self) -> dict[str, torch.Tensor]:
+        """The weights an inference engine loads: plain Hugging Face names, a LoRA adapter merged."""
+
+    def export_policy(self, directory: Path, tokenizer) -> None:
+        """The same as a Hugging Face directory (config, tokenizer, safetensors)."""
 
     def train_step(self, rollouts: Rollouts, advantages: torch.Tensor | None,
                    scores: TeacherScores | None = None) -> dict:

@@ -21,11 +21,14 @@ class Rollouts:
     attention_mask: torch.Tensor  # B x T long: 0 on left padding only
     completion_mask: torch.Tensor  # B x T float: 1 on completion tokens up to and including EOS
     behaviour_logprobs: torch.Tensor  # B x T float: log pi_old(token) at temperature 1
-    entropy: torch.Tensor  # B x T float: entropy of pi_old at each completion position
+    entropy: torch.Tensor | None  # B x T float: entropy of pi_old at each completion position (None: not known)
     truncated: torch.Tensor  # B bool: hit max_new_tokens without EOS or stop string
     group_ids: torch.Tensor  # B long: index of the prompt each row was sampled for
     prompt_width: int
     prompts: list = field(default_factory=list)  # one entry per group (the Prompt records)
+    # B x T: per-token weight of the policy gradient (truncated importance weights pi_learner /
+    # pi_engine when sampling.importance_cap is set); None: 1 everywhere.
+    importance_weights: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -58,6 +61,33 @@ class Rollouts:
             value = getattr(self, f.name)
             kwargs[f.name] = value[index] if isinstance(value, torch.Tensor) else value
         return Rollouts(**kwargs)
+
+
+def sampled_batch(prompt_ids: list[list[int]], completions: list[list[int]], logprobs: list[list[float]],
+                  ended: list[bool], samples_per_prompt: int, pad_id: int, prompts: list | None = None,
+                  device: torch.device | str = "cpu") -> Rollouts:
+    """Rollouts from completions sampled elsewhere (an inference engine), laid out exactly as the
+    in-process sampler lays them out: row i is a sample of prompt i // samples_per_prompt;
+    `ended[i]`: it stopped at EOS or a stop string (else it was truncated)."""
+    rows = [ids for ids in prompt_ids for _ in range(samples_per_prompt)]
+    width, steps = max(map(len, rows)), max(1, max(map(len, completions)))
+    batch = len(rows)
+    tokens = torch.full((batch, width + steps), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(tokens)
+    attention[:, width:] = 1  # as when decoding: every new column is attended, padding after EOS too
+    completion_mask = torch.zeros(batch, width + steps)
+    behaviour = torch.zeros(batch, width + steps)
+    for i, (prompt, completion, lps) in enumerate(zip(rows, completions, logprobs)):
+        tokens[i, width - len(prompt):width] = torch.tensor(prompt)
+        attention[i, width - len(prompt):width] = 1
+        end = width + len(completion)
+        tokens[i, width:end] = torch.tensor(completion, dtype=torch.long)
+        completion_mask[i, width:end] = 1
+        behaviour[i, width:end] = torch.tensor(lps, dtype=torch.float32)
+    return Rollouts(tokens=tokens, attention_mask=attention, completion_mask=completion_mask,
+                    behaviour_logprobs=behaviour, entropy=None, truncated=~torch.tensor(ended, dtype=torch.bool),
+                    group_ids=torch.arange(len(prompt_ids)).repeat_interleave(samples_per_prompt),
+                    prompt_width=width, prompts=list(prompts) if prompts is not None else []).to(device)
 
 
 def sequence_batch(sequences: list[list[int]], targets_from: list[int], pad_id: int,

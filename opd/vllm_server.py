@@ -79,7 +79,8 @@ class VLLMServer:
 
     def __init__(self, python: str | Path, model_dir: str | Path, log_path: str | Path, port: int | None = None,
                  extra_args: tuple[str, ...] = (), omp_bind: str | None = None,
-                 start_timeout_s: float = START_TIMEOUT_S):
+                 start_timeout_s: float = START_TIMEOUT_S, dev_mode: bool = False,
+                 generation_config: str = "vllm"):
         self.python = str(python)
         self.model_dir = Path(model_dir)
         self.log_path = Path(log_path)
@@ -87,6 +88,8 @@ class VLLMServer:
         self.extra_args = tuple(extra_args)
         self.omp_bind = omp_bind
         self.start_timeout_s = start_timeout_s
+        self.dev_mode = dev_mode  # VLLM_SERVER_DEV_MODE: /collective_rpc, e.g. a served student's weight reload
+        self.generation_config = generation_config  # "auto": the model's generation_config.json sets defaults
         self.proc: subprocess.Popen | None = None
         self.start_seconds: float | None = None  # how long the last start took
 
@@ -102,7 +105,7 @@ class VLLMServer:
     def command(self) -> list[str]:
         return [self.python, "-m", "vllm.entrypoints.openai.api_server",
                 "--model", str(self.model_dir), "--dtype", "float32", "--max-model-len", "512",
-                "--max-logprobs", "20", "--enforce-eager", "--generation-config", "vllm",
+                "--max-logprobs", "20", "--enforce-eager", "--generation-config", self.generation_config,
                 "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
 
     def env(self) -> dict[str, str]:
@@ -114,6 +117,8 @@ class VLLMServer:
         )
         if self.omp_bind is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.omp_bind
+        if self.dev_mode:
+            env["VLLM_SERVER_DEV_MODE"] = "1"
         # vLLM leaves files in the temporary folder (file:// rendezvous for its worker): keep them
         # beside the log, out of /tmp.
         tmp = self.log_path.parent / "tmp"

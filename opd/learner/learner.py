@@ -9,7 +9,9 @@ accumulated gradient is the same whatever the micro-batch size.
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -17,7 +19,7 @@ import torch
 from opd.config import LossConfig, OptimConfig
 from opd.flops import ModelCost
 from opd.learner.checkpoint import load_weights, nonfinite_tensors
-from opd.losses.chunked import token_divergence, token_logprobs
+from opd.losses.chunked import token_divergence, token_logprobs, token_logprobs_and_entropy
 from opd.losses.cross_entropy import completion_cross_entropy
 from opd.losses.policy_gradient import policy_gradient_loss
 from opd.losses.topk import token_topk_forward_kl
@@ -108,7 +110,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         num_tokens = rollouts.completion_mask.sum().clamp(min=1)
         total_loss = 0.0
-        ratio_sum = clipped = divergence_sum = 0.0
+        ratio_sum = clipped = divergence_sum = mismatch_sum = 0.0
         for rows, micro in rollouts.micro_batches(self.micro_batch_size):
             _, hidden_M_H = self.head.completion_states(micro)
             selected = micro.predicts_completion
@@ -132,10 +134,14 @@ class Learner:
                                             self.loss_cfg.chunk_size)
                 behaviour_M = micro.behaviour_logprobs[:, 1:][selected]
                 advantages_M = advantages[rows, 1:][selected]
-                loss = policy_gradient_loss(logprobs_M, behaviour_M, advantages_M, torch.ones_like(logprobs_M),
+                weights_M = torch.ones_like(logprobs_M) if micro.importance_weights is None \
+                    else micro.importance_weights[:, 1:][selected]
+                loss = policy_gradient_loss(logprobs_M, behaviour_M, advantages_M, weights_M,
                                             num_tokens, self.loss_cfg.clip_eps)
                 ratio = torch.exp(logprobs_M.detach() - behaviour_M)
                 ratio_sum += float(ratio.sum())
+                # before the update, so on-policy this is the sampler's disagreement with the learner
+                mismatch_sum += float((logprobs_M.detach() - behaviour_M).abs().sum())
                 if self.loss_cfg.clip_eps is not None:
                     clipped += float(((ratio - 1).abs() > self.loss_cfg.clip_eps).sum())
             loss.backward()
@@ -164,9 +170,78 @@ class Learner:
             metrics["topk_forward_kl"] = divergence_sum / n
         else:
             metrics["ratio_mean"] = ratio_sum / n
+            metrics["logprob_mismatch"] = mismatch_sum / n
             if self.loss_cfg.clip_eps is not None:
                 metrics["clip_fraction"] = clipped / n
         return metrics
+
+    @torch.no_grad()
+    def policy_logprobs(self, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current policy's log-prob of every completion token and its entropy there (B x T
+        each, 0 outside the completion), without gradient: behaviour log-probs recomputed by the
+        learner when the sampler's own differ (sampling.recompute_logprobs)."""
+        was_training = self.model.training
+        self.model.eval()
+        logprobs = torch.zeros_like(rollouts.completion_mask)
+        entropy = torch.zeros_like(rollouts.completion_mask)
+        for rows, micro in rollouts.micro_batches(self.micro_batch_size):
+            _, states_M_H = self.head.completion_states(micro)
+            selected = micro.predicts_completion
+            logprobs_M, entropy_M = token_logprobs_and_entropy(self.head.logits, states_M_H,
+                                                               micro.tokens[:, 1:][selected], self.loss_cfg.chunk_size)
+            logprobs[rows, 1:][selected] = logprobs_M
+            entropy[rows, 1:][selected] = entropy_M
+        self.model.train(was_training)
+        return logprobs, entropy
+
+    @torch.no_grad()
+    def policy_weights(self) -> dict[str, torch.Tensor]:
+        """The policy's weights as a plain Hugging Face checkpoint names them, a LoRA adapter merged
+        into its base (W + scale * B @ A) without touching the trained model: what an inference
+        engine (the vLLM sampler) loads after each step."""
+        if not hasattr(self.model, "get_base_model"):
+            return {name: tensor.detach() for name, tensor in self.model.state_dict().items()}
+        from peft.tuners.lora import LoraLayer
+
+        base = self.model.get_base_model()
+        merged = {}
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                weight = module.get_base_layer().weight.detach().clone()
+                for adapter in module.active_adapters:
+                    weight += module.get_delta_weight(adapter)
+                merged[f"{name}.weight"] = weight
+        weights = {}
+        for name, tensor in base.state_dict().items():
+            if "lora_" in name:
+                continue
+            name = name.replace(".base_layer.", ".")
+            weights[name] = merged.get(name, tensor.detach())
+        return weights
+
+    def export_policy(self, directory: Path, tokenizer) -> None:
+        """A plain Hugging Face directory of the policy (config, tokenizer, merged weights) for an
+        inference engine to load; the weights file is replaced atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        config = copy.deepcopy(base.config)
+        config.architectures = [type(base).__name__]  # what an engine builds (save_pretrained sets it too)
+        config.save_pretrained(directory)
+        if getattr(base, "generation_config", None) is not None:  # as the user's checkpoint has it; never obeyed
+            base.generation_config.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        weights, stored = {}, set()
+        for name, tensor in self.policy_weights().items():
+            if tensor.data_ptr() in stored:  # tied weights (the output head is the embedding) are stored once
+                continue
+            stored.add(tensor.data_ptr())
+            weights[name] = tensor.contiguous()
+        partial = directory / "model.safetensors.partial"
+        save_file(weights, partial, metadata={"format": "pt"})
+        os.replace(partial, directory / "model.safetensors")
 
     @torch.no_grad()
     def divergence(self, rollouts: Rollouts, scores: TeacherScores, kind: str = "reverse_kl") -> float:

@@ -42,6 +42,21 @@ def token_logprobs(logits_fn: Callable, hidden_M_H: torch.Tensor, targets_M: tor
     return _map_chunks(chunk, chunk_size, hidden_M_H, targets_M)
 
 
+@torch.no_grad()
+def token_logprobs_and_entropy(logits_fn: Callable, hidden_M_H: torch.Tensor, targets_M: torch.Tensor,
+                               chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) and the entropy of p at each position (M each), no gradient."""
+    logprobs, entropies = [], []
+    for start in range(0, hidden_M_H.shape[0], chunk_size):
+        logp_V = F.log_softmax(logits_fn(hidden_M_H[start:start + chunk_size]), -1)
+        logprobs.append(logp_V.gather(-1, targets_M[start:start + chunk_size, None]).squeeze(-1))
+        entropies.append(-(logp_V.exp() * logp_V).sum(-1))
+    if not logprobs:
+        empty = hidden_M_H.new_zeros(0, dtype=torch.float32)
+        return empty, empty.clone()
+    return torch.cat(logprobs), torch.cat(entropies)
+
+
 def token_divergence(kind: str, student_logits_fn: Callable, student_hidden_M_H: torch.Tensor,
                      teacher_logits_fn: Callable, teacher_hidden_M_H: torch.Tensor,
                      jsd_beta: float = 0.5, chunk_size: int = 256) -> torch.Tensor:

@@ -1,0 +1,29 @@
+"""The student's sampler: in process (`hf`, opd.sampler.hf) or on vLLM (`vllm`, opd.sampler.vllm)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from opd.models import eos_token_ids
+from opd.sampler.hf import HFSampler
+
+
+def build_sampler(cfg, learner, tokenizer, model, run_dir: Path):
+    """The run's sampler for `sampling.backend` and `train.max_staleness` (see opd.components)."""
+    from opd.sampler.vllm import VLLMSampler, VLLMServerSampler
+
+    if cfg.sampling.backend == "hf":
+        return HFSampler(model, tokenizer, cfg.sampling, own_copy=cfg.train.max_staleness > 0)
+    eos_ids = eos_token_ids(model, tokenizer)
+
+    def export(directory: Path) -> None:
+        learner.export_policy(directory, tokenizer)
+
+    if cfg.sampling.url is not None:
+        sync_dir = Path(cfg.sampling.sync_dir or Path(run_dir) / "sampler_weights")
+        return VLLMServerSampler(cfg.sampling.url, export, tokenizer, cfg.sampling, sync_dir, eos_ids)
+    max_len = cfg.data.max_prompt_tokens + max(cfg.sampling.max_new_tokens, cfg.eval.max_new_tokens or 0)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    return VLLMSampler(learner.policy_weights, export, tokenizer, cfg.sampling, next(model.parameters()).dtype,
+                       min(max_len, positions or max_len), cfg.train.seed, eos_ids)
+

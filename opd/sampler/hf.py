@@ -8,6 +8,7 @@ estimate). Here the sampled distribution and the behaviour log-probs come from t
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 
@@ -62,11 +63,15 @@ def returned_cache(output):
 
 
 class HFSampler:
-    """The student's sampler in process (`opd.roles.Sampler`). It shares the learner's model, so
-    the weights it samples from are always the learner's current ones."""
+    """The student's sampler in process (`opd.roles.Sampler`). By default it shares the learner's
+    model, so the weights it samples from are always the learner's current ones. With
+    `own_copy=True` (one-step-off sampling, train.max_staleness=1) it samples from a copy of the
+    model, which `sync_weights` updates, so that the next batch can be sampled while the learner
+    changes its weights."""
 
-    def __init__(self, model, tokenizer, cfg: SamplingConfig):
-        self.model = model
+    def __init__(self, model, tokenizer, cfg: SamplingConfig, own_copy: bool = False):
+        self.learner_model = model
+        self.model = copy.deepcopy(model) if own_copy else model
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.eos_ids = eos_token_ids(model, tokenizer)
@@ -74,18 +79,29 @@ class HFSampler:
         self.pad_id = tokenizer.pad_token_id
         warn_if_biased(cfg)
 
+    @torch.no_grad()
     def sync_weights(self) -> None:
-        """Nothing to do: the sampler reads the learner's own parameters."""
+        """Copy the learner's weights into the sampler's own copy (nothing to do when shared)."""
+        if self.model is not self.learner_model:
+            for mine, learners in zip(self.model.parameters(), self.learner_model.parameters()):
+                mine.copy_(learners)
+
+    def close(self) -> None:
+        pass
 
     @torch.no_grad()
     def sample(self, prompt_ids: list[list[int]], samples_per_prompt: int | None = None,
-               max_new_tokens: int | None = None, prompts: list | None = None, greedy: bool = False) -> Rollouts:
+               max_new_tokens: int | None = None, prompts: list | None = None, greedy: bool = False,
+               seed: int | None = None) -> Rollouts:
         """Sample `samples_per_prompt` completions for each prompt (token ids, unpadded).
-        `greedy` takes the most likely token instead (for evaluation; not a sample of the policy)."""
+        `greedy` takes the most likely token instead (for evaluation; not a sample of the policy).
+        `seed`: draw from a generator of its own (sampling in a background thread must not share
+        torch's global one with training); None: torch's global generator."""
         cfg = self.cfg
         group_size = samples_per_prompt or cfg.samples_per_prompt
         max_new = max_new_tokens or cfg.max_new_tokens
         device = next(self.model.parameters()).device
+        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
 
         rows = [ids for ids in prompt_ids for _ in range(group_size)]
         group_ids = torch.arange(len(prompt_ids), device=device).repeat_interleave(group_size)
@@ -99,7 +115,8 @@ class HFSampler:
         was_training = self.model.training
         self.model.eval()
         try:
-            new_tokens, logprobs, entropy, lengths, finished = self._decode(prompt_tokens, prompt_mask, max_new, greedy)
+            new_tokens, logprobs, entropy, lengths, finished = self._decode(prompt_tokens, prompt_mask, max_new, greedy,
+                                                                        generator)
         finally:
             self.model.train(was_training)
 
@@ -118,7 +135,7 @@ class HFSampler:
             prompts=list(prompts) if prompts is not None else [],
         )
 
-    def _decode(self, tokens, mask, max_new, greedy=False):
+    def _decode(self, tokens, mask, max_new, greedy=False, generator=None):
         """New tokens, their log-probs and entropies (B x steps); each row's length, and whether
         it ended by EOS or a stop string (rather than by running out of tokens)."""
         batch = tokens.shape[0]
@@ -137,7 +154,8 @@ class HFSampler:
             if greedy:
                 token = logits.argmax(-1)
             else:
-                token = torch.multinomial(F.softmax(sampling_logits(logits, self.cfg), -1), 1).squeeze(1)
+                probs = F.softmax(sampling_logits(logits, self.cfg), -1)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             token = torch.where(done, torch.full_like(token, self.pad_id), token)
             out_tokens.append(token)
             out_logprobs.append(logprobs_V.gather(-1, token[:, None]).squeeze(1))

@@ -56,6 +56,11 @@ def save_tiny_teacher(directory: Path) -> Path:
     return directory
 
 
+@pytest.fixture
+def vllm_python_or_skip() -> str:
+    return vllm_python()
+
+
 @pytest.fixture(scope="session")
 def vllm_teacher_dir(tmp_path_factory) -> Path:
     vllm_python()  # skip early, before building anything
