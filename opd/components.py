@@ -29,6 +29,8 @@ class Components:
     teacher: Teacher | None
     tokenizer: object
     data: RunData
+    # The teacher as a sampler (an in-process teacher only): for its own accuracy, the run's ceiling.
+    teacher_sampler: Sampler | None = None
 
     def close(self) -> None:
         if self.teacher is not None:
@@ -87,4 +89,5 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
     if console is not None and data.skipped:
         console.print(f"[yellow]skipped {data.skipped} prompts or examples that do not fit data.max_prompt_tokens="
                       f"{cfg.data.max_prompt_tokens} / data.max_seq_tokens={cfg.data.max_seq_tokens}[/yellow]")
-    return Components(learner, HFSampler(student, tokenizer, cfg.sampling), teacher, tokenizer, data)
+    teacher_sampler = HFSampler(teacher.model, tokenizer, cfg.sampling) if isinstance(teacher, HFTeacher) else None
+    return Components(learner, HFSampler(student, tokenizer, cfg.sampling), teacher, tokenizer, data, teacher_sampler)

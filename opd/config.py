@@ -206,6 +206,9 @@ class EvalConfig(Section):
     # Built-in tasks evaluated besides the run's own eval prompts, logged as eval/<task>/...
     # (e.g. [knowledge, instruction] to watch knowledge and behaviour during mid-training).
     tasks: list[Literal["arithmetic", "knowledge", "instruction"]] = Field(default_factory=list)
+    # At step 0, also the teacher's own accuracy on the eval sets (eval/teacher_accuracy): the
+    # ceiling the student is measured against. In-process teachers only (a served one does not sample).
+    teacher_accuracy: bool = True
 
 
 class LogConfig(Section):

@@ -38,7 +38,7 @@ from opd.advantages import compute_advantages
 from opd.components import Components, build
 from opd.config import ConfigError, RunConfig
 from opd.data import PromptSchedule
-from opd.evaluation import evaluate_prompts, grade_rollouts, reward_metrics, rewards_of, rollout_metrics
+from opd.evaluation import evaluate_prompts, grade_rollouts, reward_metrics, rewards_of, rollout_metrics, teacher_ceiling
 from opd.flops import sampling_flops, scoring_flops, training_flops
 from opd.learner.checkpoint import (NonFiniteWeightsError, latest_checkpoint, load_trainer_state, rng_state,
                                     save_checkpoint, set_rng_state)
@@ -77,6 +77,20 @@ def evaluate(components: Components, cfg: RunConfig) -> dict:
         metrics, _ = evaluate_prompts(prompts, components.sampler, cfg.eval,
                                       cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, components.teacher,
                                       cfg.data.grader, components.learner)
+        prefix = f"eval/{name}/" if name else "eval/"
+        out.update({prefix + k: v for k, v in metrics.items()})
+    return out
+
+
+def evaluate_teacher(components: Components, cfg: RunConfig) -> dict:
+    """The teacher's own accuracy on every eval set (eval/teacher_accuracy, eval/<task>/teacher_...),
+    once at step 0: the ceiling the student's curves are read against. {} without an in-process teacher."""
+    if components.teacher_sampler is None or not cfg.eval.teacher_accuracy:
+        return {}
+    out = {}
+    for name, prompts in components.data.eval_sets.items():
+        metrics = teacher_ceiling(prompts, components.teacher_sampler, cfg.eval,
+                                  cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, cfg.data.grader)
         prefix = f"eval/{name}/" if name else "eval/"
         out.update({prefix + k: v for k, v in metrics.items()})
     return out
@@ -315,6 +329,9 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
         first_eval = last_eval = timed_evaluate()
         last_eval_step = 0
         if first_eval:
+            t = time.perf_counter()
+            first_eval = {**first_eval, **evaluate_teacher(components, cfg)}  # the ceiling: step 0 only
+            totals["eval_s_total"] += time.perf_counter() - t
             log.log(0, {**first_eval, **totals})
     last_metrics: dict = {}
     interrupted = False

@@ -133,13 +133,17 @@ def build_report(run_dir: str | Path, rollouts_shown: int = 4) -> Path:
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
 
     accuracy_keys = sorted({k for r in rows for k in r if k.startswith("eval/") and k.endswith("accuracy")
-                            and "instruction_accuracy" not in k})
+                            and "instruction_accuracy" not in k and "teacher_" not in k})
+    # the teacher's own accuracy, measured once at step 0: a line, the ceiling of its curve
+    ceilings = {f"teacher {k.removeprefix('eval/').removesuffix('teacher_accuracy')}{v:.3f}": v
+                for k, v in (rows[0] if rows else {}).items() if k.endswith("teacher_accuracy")
+                and "instruction" not in k}
     figures = []
-    if _plot(run_dir / "accuracy_vs_step.png", "accuracy vs step", "step", "accuracy",
-             {k: _curve(rows, "step", k) for k in accuracy_keys}):
+    if _plot(run_dir / "accuracy_vs_step.png", "held-out accuracy vs step", "step", "accuracy",
+             {k: _curve(rows, "step", k) for k in accuracy_keys}, ceilings):
         figures.append("accuracy_vs_step.png")
-    if _plot(run_dir / "accuracy_vs_flops.png", "accuracy vs training FLOPs", "FLOPs (student + teacher)",
-             "accuracy", {k: _curve(rows, "flops_total", k) for k in accuracy_keys}):
+    if _plot(run_dir / "accuracy_vs_flops.png", "held-out accuracy vs training FLOPs", "FLOPs (student + teacher)",
+             "accuracy", {k: _curve(rows, "flops_total", k) for k in accuracy_keys}, ceilings):
         figures.append("accuracy_vs_flops.png")
     kl_curves = {k: _curve(rows, "step", k) for k in ("teacher_kl", "eval/teacher_kl", "eval/exact_kl")
                  if any(k in r for r in rows)}
@@ -176,10 +180,16 @@ def build_comparison_report(out_dir: str | Path, rollouts_shown: int = 4) -> Pat
     the teacher's level, teacher KL vs step, and the KL-coloured rollouts of the runs that have them."""
     out_dir = Path(out_dir)
     comparison = json.loads((out_dir / "comparison.json").read_text())
-    runs = {name: out_dir / rel for name, rel in comparison["runs"].items()}
-    rows = {name: read_jsonl(path / "metrics.jsonl") for name, path in runs.items()}
-    levels = {f"teacher {comparison['teacher_accuracy']:.3f}": comparison["teacher_accuracy"],
-              f"target {comparison['target']:.3f}": comparison["target"]}
+    from opd.compare import mean_rows
+
+    # one folder per method, or (`opd compare` of several seeds) a list of them: their mean curve
+    runs = {name: [out_dir / rel for rel in ([rels] if isinstance(rels, str) else rels)]
+            for name, rels in comparison["runs"].items()}
+    rows = {name: mean_rows(paths) for name, paths in runs.items()}
+    levels = {}
+    if comparison.get("teacher_accuracy") is not None:
+        levels = {f"teacher {comparison['teacher_accuracy']:.3f}": comparison["teacher_accuracy"],
+                  f"target {comparison['target']:.3f}": comparison["target"]}
     if comparison.get("common_target") is not None:
         levels[f"common {comparison['common_target']:.3f}"] = comparison["common_target"]
 
@@ -200,11 +210,12 @@ def build_comparison_report(out_dir: str | Path, rollouts_shown: int = 4) -> Pat
         figures.append("teacher_kl_vs_step.png")
 
     common = comparison.get("common_target")  # absent in folders written before it existed
-    levels = {"target": "target", **({"common": f"{common:.3f}"} if common is not None else {})}
+    levels = {**({"target": "target"} if comparison.get("target") is not None else {}),
+              **({"common": f"{common:.3f}"} if common is not None else {})}
     blank = "<td></td>" * (2 * len(levels) + 2)
     table_rows = [f"<tr><td>student start</td><td>{_fmt(comparison['table'][0]['start_accuracy'], '.3f')}</td>"
                   f"{blank}</tr>",
-                  f"<tr><td>teacher</td><td>{comparison['teacher_accuracy']:.3f}</td>{blank}</tr>"]
+                  f"<tr><td>teacher</td><td>{_fmt(comparison.get('teacher_accuracy'), '.3f')}</td>{blank}</tr>"]
     for r in comparison["table"]:
         with_data = r["flops_total_with_data"] > r["flops_total"]
 
@@ -226,10 +237,12 @@ def build_comparison_report(out_dir: str | Path, rollouts_shown: int = 4) -> Pat
                    f" {common:.3f} is the highest accuracy that every method reached (the lowest of their best "
                    "evaluations): the steps and FLOPs to it compare the methods at one accuracy even when "
                    "none reaches the target.")
-    rollouts = [block for name, path in runs.items() for block in _rollouts_html(path, rollouts_shown, name)]
-    body = f"""<h1>opd comparison: {html.escape(", ".join(runs))} from one start</h1>
-<p>folder <code>{html.escape(str(out_dir))}</code>. Same student start, same steps and sequences per step; the
-target is {comparison['target_fraction']:.0%} of the teacher's held-out accuracy.{common_text}</p>
+    target_text = ("No run measured a teacher's accuracy, so there is no target." if comparison.get("target") is None
+                   else f"The target is {comparison['target_fraction']:.0%} of the teacher's held-out accuracy "
+                        f"(the teacher evaluated at step 0 on the same prompts, with the same sampling).")
+    rollouts = [block for name, paths in runs.items() for block in _rollouts_html(paths[0], rollouts_shown, name)]
+    body = f"""<h1>opd comparison: {html.escape(", ".join(runs))}</h1>
+<p>folder <code>{html.escape(str(out_dir))}</code>. {target_text}{common_text}</p>
 <h2 id="table">Results</h2>
 <table><tr><th></th><th>accuracy</th>{head}<th>FLOPs in all</th><th>wall time</th></tr>{"".join(table_rows)}</table>
 <h2 id="curves">Curves</h2>

@@ -29,6 +29,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from opd.compare import print_comparison  # noqa: F401  (the demo's tables, also `opd compare`'s)
 from opd.config import ConfigError, RunConfig, load_config
 
 # Written into the demo's folder first thing: `--overwrite` deletes only a folder that holds it (or
@@ -196,7 +197,7 @@ def run_demo(run_dir: Path, quick: bool = False, overrides: list[str] = (), cons
 
 
 def _run_demo(run_dir: Path, quick: bool, overrides: list[str], console: Console) -> dict:
-    from opd.compare import TARGET_FRACTION, cached_model, model_accuracy, run_comparison, sft_on_teacher_samples
+    from opd.compare import cached_model, run_comparison, sft_on_teacher_samples
     from opd.report import build_comparison_report
 
     build_overrides = QUICK["build"] if quick else []
@@ -206,61 +207,11 @@ def _run_demo(run_dir: Path, quick: bool, overrides: list[str], console: Console
     runs = demo_configs(student_dir, teacher_dir, quick, overrides)
     runs["sft"], written = sft_on_teacher_samples(runs["sft"], console)
 
-    teacher_accuracy = model_accuracy(runs["distill"], runs["distill"].teacher)
-    console.print(f"teacher accuracy on the held-out problems: {teacher_accuracy:.3f}; "
-                  f"target ({TARGET_FRACTION:.0%}): {TARGET_FRACTION * teacher_accuracy:.3f}")
-    comparison = run_comparison(run_dir, runs, teacher_accuracy, extra_seconds={"sft": written["seconds"]},
-                                console=console,
+    # The teacher's accuracy (the target's base) is measured by every run at step 0 (eval/teacher_accuracy).
+    comparison = run_comparison(run_dir, runs, extra_seconds={"sft": written["seconds"]}, console=console,
                                 notes={"teacher_samples": written, "teacher": str(teacher_dir),
                                        "student_start": str(student_dir)})
     report = build_comparison_report(run_dir)
     print_comparison(comparison, console)
     console.print(f"report: {report}")
     return comparison
-
-
-def print_comparison(comparison: dict, console: Console) -> None:
-    """Two tables (they fit an 80-column terminal): accuracy and cost per method, then the steps and
-    FLOPs at which each method first reached the target (and the common accuracy)."""
-    target, common = comparison["target"], comparison.get("common_target")
-    rows = comparison["table"]
-    results = Table(title="one student start, one budget")
-    for column in ("", "accuracy", "best", "FLOPs", "wall time"):
-        results.add_column(column, justify="right" if column else "left")
-    results.add_row("student start", f"{rows[0]['start_accuracy']:.3f}")
-    results.add_row("teacher", f"{comparison['teacher_accuracy']:.3f}")
-    for r in rows:
-        results.add_row(r["method"], f"{r['final_accuracy']:.3f}", f"{r['best_accuracy']:.3f}",
-                        f"{r['flops_total']:.2e}", f"{r['wall_s']:.0f} s")
-        if r["flops_total_with_data"] > r["flops_total"]:  # SFT on teacher samples: the data's cost paid too
-            results.add_row(f"  {r['method']}, data paid", "", "", f"{r['flops_total_with_data']:.2e}", "")
-    console.print(results)
-
-    levels = {"target": target, **({"common": common} if common is not None else {})}
-    reaching = Table(title=f"steps and FLOPs to the target ({comparison['target_fraction']:.0%} of the teacher)"
-                     + (" and to the common accuracy" if common is not None else ""))
-    reaching.add_column("", no_wrap=True)
-    for level in levels.values():
-        reaching.add_column(f"steps to {level:.3f}", justify="right")
-        reaching.add_column(f"FLOPs to {level:.3f}", justify="right")
-
-    def cells(r: dict, flops: str, with_steps: bool) -> list[str]:  # steps and FLOPs to each level
-        out = []
-        for suffix in levels:
-            step = r.get(f"steps_to_{suffix}")
-            out += ["" if not with_steps else "not reached" if step is None else str(step),
-                    "-" if step is None else f"{r[f'{flops}_to_{suffix}']:.2e}"]
-        return out
-
-    for r in rows:
-        reaching.add_row(r["method"], *cells(r, "flops", with_steps=True))
-        if r["flops_total_with_data"] > r["flops_total"]:  # the steps are the same; only the FLOPs differ
-            reaching.add_row(f"  {r['method']}, data paid", *cells(r, "flops_with_data", with_steps=False))
-    console.print(reaching)
-    console.print("accuracy: sampled pass@1 on held-out problems; FLOPs: student + teacher, training steps only "
-                  "(\"data paid\" adds the teacher's sampling of SFT's data); wall time: training steps, SFT's "
-                  "including the teacher's sampling")
-    if common is not None:
-        console.print(f"{common:.3f}, the common accuracy: the highest that every method reached (the lowest of "
-                      "their best evaluations), to compare steps and FLOPs at one accuracy when the target is out "
-                      "of reach")

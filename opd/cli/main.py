@@ -9,6 +9,7 @@
     opd eval     runs/x --task arithmetic --samples 4              # any run, checkpoint or model
     opd tasks    arithmetic --split eval --out eval.jsonl          # write a built-in task's data
     opd report   runs/x                                            # report.html: curves, KL-coloured rollouts
+    opd compare  runs/a runs/b runs/c --out runs/cmp               # any runs: tables, comparison.json, report
     opd demo                                                       # the embedded default run
 """
 
@@ -213,6 +214,30 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory")):
     except (ReportError, RunDirectoryError) as err:
         raise _fail(err)
     console.print(f"report: {out}")
+
+
+@app.command()
+def compare(
+    run_dirs: List[Path] = typer.Argument(..., help="run directories (any methods; seeds of one config are grouped), "
+                                                    "or a comparison's folder such as runs/demo"),
+    target: float = typer.Option(0.95, "--target", help="the target, as a fraction of the teacher's accuracy"),
+    out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="folder for comparison.json and report.html"),
+):
+    """Compare finished runs: start, final and best held-out accuracy, steps and FLOPs to the target
+    (a fraction of the teacher's accuracy, measured by the runs at step 0) and to the common
+    accuracy, wall time; comparison.json and report.html in --out."""
+    from opd.compare import compare_runs, expand_run_dirs, group_runs, print_comparison
+    from opd.report import build_comparison_report
+
+    if not 0 < target <= 1:
+        raise _fail(ConfigError(f"--target {target}: a fraction of the teacher's accuracy, in (0, 1]"))
+    try:
+        comparison = compare_runs(group_runs(expand_run_dirs(run_dirs)), out, target_fraction=target)
+        report_path = build_comparison_report(out)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(err)
+    print_comparison(comparison, console)
+    console.print(f"comparison: {out / 'comparison.json'}   report: {report_path}")
 
 
 @app.command()
