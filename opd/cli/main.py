@@ -10,6 +10,7 @@
     opd tasks    arithmetic --split eval --out eval.jsonl          # write a built-in task's data
     opd report   runs/x                                            # report.html: curves, KL-coloured rollouts
     opd compare  runs/a runs/b runs/c --out runs/cmp               # any runs: tables, comparison.json, report
+    opd pipeline --config configs/pipeline_personalize.yaml        # phases in order (midtrain -> distill -> eval)
     opd demo                                                       # the embedded default run
 """
 
@@ -238,6 +239,29 @@ def compare(
         raise _fail(err)
     print_comparison(comparison, console)
     console.print(f"comparison: {out / 'comparison.json'}   report: {report_path}")
+
+
+@app.command()
+def pipeline(
+    config: Path = typer.Option(..., "--config", "-c", help="pipeline YAML: run_dir, common, phases"),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="dotted key=value settings for every phase, or for one: midtrain:train.steps=50"),
+    resume: bool = typer.Option(False, "--resume", help="skip finished phases; continue the unfinished one"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="instead of the file's run_dir"),
+):
+    """Phases in order, each an ordinary run (midtrain, sft, distill, rl) or an evaluation in its own
+    folder; a phase's student or teacher can be an earlier phase's model ({phase: NAME}). Ends with
+    a table of every evaluation after every phase."""
+    from opd.pipeline import PipelineInterrupted, run_pipeline
+
+    try:
+        run_pipeline(config, overrides or [], resume, console, run_dir)
+    except _user_errors() as err:
+        raise _fail(err)
+    except PipelineInterrupted as err:
+        raise _interrupted(f"{err}: the same command with --resume continues the pipeline")
+    except KeyboardInterrupt:
+        raise _interrupted("interrupted without saving this step; --resume continues from the last checkpoint")
 
 
 @app.command()
