@@ -37,11 +37,22 @@ def config_key(cfg: RunConfig, *extra, only: tuple[str, ...] = ()) -> str:
     the tiny tokenizer, which the code builds, so a change to it invalidates cached tiny models."""
     tree = {k: v for k, v in cfg.model_dump(mode="json").items()
             if k not in _COSMETIC and (not only or k in only)}
+    # Settings added later, at their defaults, are left out, so that models cached before keep their keys.
+    if tree.get("eval", {}).get("teacher_accuracy") is True:  # adds metrics; the weights are the same
+        del tree["eval"]["teacher_accuracy"]
+    for role in ("student", "teacher"):
+        tiny = (tree.get(role) or {}).get("tiny")
+        if tiny is not None and not tiny.get("tokenizer_corpus"):
+            del tiny["tokenizer_corpus"]
     tokenizer = ""
-    if any(spec is not None and spec.tiny is not None for spec in (cfg.student, cfg.teacher)):
+    tiny = [spec.tiny for spec in (cfg.student, cfg.teacher) if spec is not None and spec.tiny is not None]
+    if tiny:
         from opd.tiny import _tokenizer_json
 
-        tokenizer = hashlib.sha256(_tokenizer_json(768).encode()).hexdigest()
+        corpus = tuple(tiny[0].tokenizer_corpus)  # empty: the key of a run from before the field existed
+        tokenizer = hashlib.sha256(_tokenizer_json(768, *([corpus] if corpus else [])).encode()).hexdigest()
+        if corpus:  # the files' contents, not only their names
+            tokenizer += "".join(hashlib.sha256(open(f, "rb").read()).hexdigest() for f in corpus)
     return hashlib.sha256(json.dumps([tree, tokenizer, *extra], sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -43,6 +43,10 @@ class TinyModelConfig(Section):
     # Train this many steps on the built-in conversations before use (cached), so the model has
     # consistent behaviour to distil; 0: random weights.
     pretrain_steps: int = Field(0, ge=0)
+    # Your own text files (.txt, or .jsonl whose string fields are read): the tiny tokenizer learns
+    # its merges from them too, so your task's words are a few tokens each, not arbitrary pieces.
+    # Student and teacher must name the same files (their tokenizers are compared).
+    tokenizer_corpus: list[str] = Field(default_factory=list)
 
 
 class ModelConfig(Section):
