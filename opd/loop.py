@@ -408,11 +408,12 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
 
 
 def status_line(metrics: dict) -> str:
+    """The progress bar's figures: of this step's training batch (held-out ones are in the tables)."""
     parts = []
     if "teacher_kl" in metrics:
         parts.append(f"teacher KL {metrics['teacher_kl']:.4f}")
     if "accuracy" in metrics:
-        parts.append(f"accuracy {metrics['accuracy']:.3f}")
+        parts.append(f"train-batch accuracy {metrics['accuracy']:.3f}")
     if "cross_entropy" in metrics:
         parts.append(f"loss {metrics['cross_entropy']:.4f}")
     if "completion_len" in metrics:

@@ -143,7 +143,8 @@ def run_phase(method: str, cfg: RunConfig, resume: bool, console: Console, stop_
     if summary["interrupted"]:
         raise PipelineInterrupted(f"phase {Path(cfg.run_dir).name} stopped after step {summary['steps_done']} of "
                                   f"{summary['steps_planned']} (checkpoint saved)")
-    return named_evals(summary.get("last_eval") or {}, own_task)
+    ceiling = {k: v for k, v in (summary.get("start_eval") or {}).items() if "teacher_accuracy" in k}  # step 0 only
+    return named_evals({**(summary.get("last_eval") or {}), **ceiling}, own_task)
 
 
 def check_pipeline(spec: dict, run_dir: Path, overrides: list[str]) -> dict[str, tuple[str, RunConfig]]:
@@ -207,7 +208,7 @@ def run_pipeline(path: Path, overrides: list[str] = (), resume: bool = False, co
 def print_pipeline(state: dict, console: Console) -> None:
     """Every evaluation (set/metric) after every phase, side by side."""
     phases = {name: p.get("evals") or {} for name, p in state["phases"].items()}
-    shown = ("accuracy", "instruction_accuracy", "teacher_kl")
+    shown = ("accuracy", "instruction_accuracy", "teacher_kl", "teacher_accuracy")
     keys = list(dict.fromkeys(k for evals in phases.values() for k in evals if k.rpartition("/")[2] in shown))
     table = Table(title="opd pipeline: held-out evaluations after each phase")
     table.add_column("set / metric")

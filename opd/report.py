@@ -2,8 +2,10 @@
 
 * accuracy vs step and vs FLOPs (every `eval/.../accuracy` curve in metrics.jsonl);
 * teacher KL vs step (training samples and evaluation);
-* sampled rollouts with every token coloured by its per-token teacher KL, so a reader sees where
-  the student forks from the teacher (white: the teacher agrees; red: the teacher would not say it).
+* sampled rollouts with every token coloured by its log-ratio k = log p_student - log p_teacher (the
+  single-sample term of the reverse-KL estimate, negative where the teacher likes the token more than
+  the student), so a reader sees where the student forks from the teacher (white: the teacher agrees,
+  which is not the same as correct; red: the teacher would not have said it).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def coloured_rollout(record: dict) -> str:
     spans = []
     for token, kl in zip(record["tokens"], record["teacher_kl"]):
         spans.append(f'<span class="tok" style="background:{kl_colour(kl)}" data-kl="{kl!r}" '
-                     f'title="KL {kl:.3f}">{html.escape(token)}</span>')
+                     f'title="k {kl:.3f} nats">{html.escape(token)}</span>')
     return "".join(spans)
 
 
@@ -89,16 +91,28 @@ def _rollouts_html(run_dir: Path, shown: int, label: str = "") -> list[str]:
             f'<div class="rollout"><div class="prompt">{html.escape(r.get("prompt") or "")}</div>'
             f'<div class="completion" data-run="{html.escape(label)}" data-file="{path.name}" data-index="{i}">'
             f'{coloured_rollout(r)}</div>'
-            f'<div class="meta">mean KL {sum(r["teacher_kl"]) / max(len(r["teacher_kl"]), 1):.3f} per token'
+            f'<div class="meta">mean log-ratio k {sum(r["teacher_kl"]) / max(len(r["teacher_kl"]), 1):.3f} nats per '
+            f'token (a one-sample estimate of the reverse KL: it can be negative)'
             f'{", score " + str(r["score"]) if "score" in r else ""}</div></div>'
             for i, r in enumerate(records))
         blocks.append(f"<h3>{html.escape(label + ' ' if label else '')}{path.stem.replace('_', ' ')}</h3>{items}")
     return blocks
 
 
-ROLLOUTS_INTRO = (f"<p>Each token of the student's sample is shaded by k = log p_student − log p_teacher of that "
-                  f"token: white where the teacher agrees, red (at {KL_SCALE:g} nats or more) where it would not "
-                  f"have said it. Hover a token for its value.</p>")
+def _colour_scale() -> str:
+    """The legend: k from below 0 to KL_SCALE nats, as the tokens are shaded."""
+    stops = [-1.0, 0.0, KL_SCALE / 4, KL_SCALE / 2, 3 * KL_SCALE / 4, KL_SCALE]
+    cells = "".join(f'<span class="scale" style="background:{kl_colour(k)}">{"≤ 0" if k <= 0 else f"{k:g}"}'
+                    f'{"+" if k == KL_SCALE else ""}</span>' for k in stops[1:])
+    return f'<p class="legend">k (nats): {cells}</p>'
+
+
+ROLLOUTS_INTRO = (f"<p>Each token of the student's sample is shaded by its log-ratio k = log p_student − log "
+                  f"p_teacher: the single-sample term of the reverse-KL estimate (its mean over many samples is the "
+                  f"KL; one token's k can be negative, where the teacher gives the token more probability than the "
+                  f"student). White (k ≤ 0) means the teacher agrees with the token, <b>not</b> that the token is "
+                  f"correct: a teacher can be confidently wrong. Red (k ≥ {KL_SCALE:g} nats) means the teacher would "
+                  f"not have said it. Hover a token for its value.</p>" + _colour_scale())
 
 
 def _page(title: str, body: str) -> str:
@@ -111,6 +125,7 @@ td:first-child {{ text-align: left; }}
 .rollout {{ margin: 0.8em 0; }} .prompt {{ color: #555; font-size: 0.9em; }}
 .completion {{ font-family: monospace; white-space: pre-wrap; line-height: 1.6; }}
 .tok {{ border-radius: 2px; }} .meta {{ color: #777; font-size: 0.8em; }}
+.scale {{ display: inline-block; min-width: 3em; text-align: center; border: 1px solid #ddd; font-size: 0.8em; }}
 </style></head><body>
 {body}
 </body></html>
@@ -162,7 +177,7 @@ def build_report(run_dir: str | Path, rollouts_shown: int = 4) -> Path:
 <table><tr><th>metric</th><th>start</th><th>end</th></tr>{table}</table>
 <h2 id="curves">Curves</h2>
 {_images(figures)}
-<h2 id="rollouts">Rollouts coloured by per-token teacher KL</h2>
+<h2 id="rollouts">Rollouts coloured by the per-token log-ratio to the teacher</h2>
 {ROLLOUTS_INTRO}
 {"".join(_rollouts_html(run_dir, rollouts_shown)) or "<p>no rollouts with teacher scores in this run</p>"}"""
     out = run_dir / "report.html"
@@ -247,7 +262,7 @@ def build_comparison_report(out_dir: str | Path, rollouts_shown: int = 4) -> Pat
 <table><tr><th></th><th>accuracy</th>{head}<th>FLOPs in all</th><th>wall time</th></tr>{"".join(table_rows)}</table>
 <h2 id="curves">Curves</h2>
 {_images(figures)}
-<h2 id="rollouts">Rollouts coloured by per-token teacher KL</h2>
+<h2 id="rollouts">Rollouts coloured by the per-token log-ratio to the teacher</h2>
 {ROLLOUTS_INTRO}
 {"".join(rollouts) or "<p>no rollouts with teacher scores</p>"}"""
     out = out_dir / "report.html"

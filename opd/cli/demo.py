@@ -214,4 +214,19 @@ def _run_demo(run_dir: Path, quick: bool, overrides: list[str], console: Console
     report = build_comparison_report(run_dir)
     print_comparison(comparison, console)
     console.print(f"report: {report}")
+    print_models(run_dir, teacher_dir, student_dir, list(runs), console)
     return comparison
+
+
+def print_models(run_dir: Path, teacher_dir: Path, student_dir: Path, methods: list[str], console: Console) -> None:
+    """Where the models are, as paths that `student.path=` / `teacher.path=` and `opd eval` take
+    (checkpoints/latest is a text file naming the last checkpoint, not a model)."""
+    from opd.learner.checkpoint import latest_checkpoint
+
+    console.print("models (Hugging Face folders, for student.path= / teacher.path= and opd eval):")
+    console.print(f"  teacher        {teacher_dir}", soft_wrap=True)  # a path is never broken across lines
+    console.print(f"  student start  {student_dir}", soft_wrap=True)
+    for name in methods:
+        checkpoint = latest_checkpoint(run_dir / name)
+        if checkpoint is not None:
+            console.print(f"  {name:<14} {checkpoint / 'model'}", soft_wrap=True)

@@ -28,15 +28,31 @@ from rich.table import Table
 
 from opd.config import METHODS, ConfigError, load_config
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+# rich_markup_mode=None: click's plain help. The rich panels of typer 0.29 print every flag as
+# taking a value (`--resume <bool>`).
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="On-policy distillation of language models.")
 console = Console()
 
 errors = Console(stderr=True, soft_wrap=True)  # an error message is never broken across lines
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            console.print(f"opd {version('opd')}")
+        except PackageNotFoundError:  # run from a source tree that is not installed
+            console.print("opd (not installed: no version recorded)")
+        raise typer.Exit()
+
+
 @app.callback()
-def _quiet_hub_progress_bars() -> None:
+def _quiet_hub_progress_bars(
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                  help="print opd's version and exit"),
+) -> None:
     # opd draws its own progress bars; without this, transformers adds one line per model load
     # and checkpoint save ("Loading weights", "Writing model shards"). Read when transformers is
     # imported, which the commands do later; a user's own setting wins.
@@ -294,6 +310,11 @@ def _print_summary(summary: dict) -> None:
         console.print(f"{title}: no evaluation set (set task.name or data.eval_prompts to measure the student)")
     else:
         _print_evals(title, start, end, end_step)
+        ceilings = {k: v for k, v in start.items() if k.endswith("/teacher_accuracy")}
+        if ceilings:  # measured once, at step 0
+            console.print("the teacher on the same held-out prompts (its ceiling): " + ", ".join(
+                f"{k.removeprefix('eval/').removesuffix('teacher_accuracy').strip('/') or 'accuracy'} {v:.3f}"
+                for k, v in ceilings.items()))
         if end_step is not None and end_step != summary["steps_done"]:
             console.print(f"[yellow]no final evaluation: the last one is of step {end_step}[/yellow]")
     with_data = (f" (+{summary['flops_data_total']:.3g} to write the data)" if summary.get("flops_data_total") else "")
@@ -307,7 +328,8 @@ def _print_evals(title: str, start: dict, end: dict, end_step: int | None) -> No
     table.add_column("start", justify="right")
     table.add_column("end" if end_step is None else f"step {end_step}", justify="right")
     names = {"teacher_kl": "teacher KL (sampled, per token)", "exact_kl": "exact reverse KL (per token)",
-             "accuracy": "accuracy", "instruction_accuracy": "instruction-level accuracy",
+             "accuracy": "accuracy (held-out)", "instruction_accuracy": "instruction-level accuracy",
+             "teacher_entropy": "teacher entropy on the student's samples",
              "entropy": "student entropy", "completion_len": "completion length"}
     for key in end:
         prefix, _, metric = key.rpartition("/")
