@@ -35,6 +35,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from opd.advantages import compute_advantages
+from opd.collapse import CollapseWatch
 from opd.components import Components, build
 from opd.config import ConfigError, RunConfig
 from opd.data import PromptSchedule
@@ -338,6 +339,7 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
     nonfinite_in_a_row = 0
     step = start_step
     score_with_teacher = teacher_scores_training(cfg, components)
+    collapse = CollapseWatch(cfg.method)  # warns (once each) of truncation rising, RL groups all equal
 
     progress = Progress(TextColumn(f"[bold]{cfg.method}[/bold]"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
@@ -356,6 +358,8 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
                                               f"(step {step - 1}): restart the server, then run again with "
                                               f"--resume") from None
             nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics["skipped"] else 0
+            for warning in collapse.check(step, metrics):
+                console.print(f"[yellow]{escape(warning)}[/yellow]")
 
             eval_error = None
             if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:

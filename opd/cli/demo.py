@@ -78,6 +78,36 @@ METHODS = {
             "train": {"prompts_per_step": PROMPTS_PER_STEP * SAMPLES_PER_PROMPT}},
 }
 
+def demo_recipe() -> dict:
+    """What decides the demo's numbers, in a form results files record and RESULTS.md states: the
+    task, the two builds, the evaluation, each method's learning rate, and a fingerprint of the tiny
+    tokenizer (trained by the installed `tokenizers`: another version can learn other merges)."""
+    import hashlib
+
+    from opd.tiny import _tokenizer_json
+
+    def build(tree: dict) -> dict:
+        tiny = tree["student"]["tiny"]
+        return {"hidden_size": tiny["hidden_size"], "num_layers": tiny["num_layers"], "seed": tiny["seed"],
+                "steps": tree["train"]["steps"], "lr": tree["optim"]["lr"]}
+
+    return {"task": TASK, "eval": EVAL, "teacher": build(TEACHER_BUILD), "student_start": build(STUDENT_BUILD),
+            "steps": COMMON["train"]["steps"], "lr": {name: m["optim"]["lr"] for name, m in METHODS.items()},
+            "tokenizer_sha256": hashlib.sha256(_tokenizer_json(768).encode()).hexdigest()[:12]}
+
+
+def environment() -> dict:
+    """The library versions and device that produced a result: the same recipe under another torch,
+    transformers or tokenizers, or on a GPU (train.device=auto picks CUDA: other kernels and another
+    random stream), trains other tiny models and gives other figures."""
+    import tokenizers
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
 QUICK = {  # a few steps of everything: checks the whole path, not the result
     "build": ["train.steps=12", "task.train_size=96", "task.eval_size=8", "checkpoint.every=4"],
     "run": ["train.steps=4", "eval.every=2", "log.rollouts_every=2", "task.train_size=96", "task.eval_size=8",
@@ -210,7 +240,8 @@ def _run_demo(run_dir: Path, quick: bool, overrides: list[str], console: Console
     # The teacher's accuracy (the target's base) is measured by every run at step 0 (eval/teacher_accuracy).
     comparison = run_comparison(run_dir, runs, extra_seconds={"sft": written["seconds"]}, console=console,
                                 notes={"teacher_samples": written, "teacher": str(teacher_dir),
-                                       "student_start": str(student_dir)})
+                                       "student_start": str(student_dir), "recipe": demo_recipe(),
+                                       "environment": environment()})
     report = build_comparison_report(run_dir)
     print_comparison(comparison, console)
     console.print(f"report: {report}")
