@@ -211,9 +211,9 @@ def print_pipeline(state: dict, console: Console) -> None:
     shown = ("accuracy", "instruction_accuracy", "teacher_kl", "teacher_accuracy")
     keys = list(dict.fromkeys(k for evals in phases.values() for k in evals if k.rpartition("/")[2] in shown))
     table = Table(title="opd pipeline: held-out evaluations after each phase")
-    table.add_column("set / metric")
+    table.add_column("set / metric", no_wrap=True, min_width=max(map(len, keys), default=12))
     for name in phases:
-        table.add_column(f"{name} ({state['phases'][name]['method']})", justify="right")
+        table.add_column(f"{name}\n({state['phases'][name]['method']})", justify="right")
     for key in sorted(keys):
         table.add_row(key, *(f"{phases[n][key]:.3f}" if key in phases[n] else "-" for n in phases))
     console.print(table)

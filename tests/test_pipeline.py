@@ -64,7 +64,7 @@ def test_three_phases_run_in_order_and_resume_skips_the_finished_ones(tmp_path):
     # one table: the same evaluations after every phase
     for phase in state["phases"].values():
         assert {"knowledge/accuracy", "instruction/accuracy"} <= set(phase["evals"])
-    for text in ("knowledge/accuracy", "instruction/accuracy", "base (eval)", "midtrain (midtrain)", "restore (distill)"):
+    for text in ("knowledge/accuracy", "instruction/accuracy", "(eval)", "(midtrain)", "(distill)", "restore"):
         assert text in result.output
 
 
