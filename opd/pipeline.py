@@ -157,6 +157,11 @@ def check_pipeline(spec: dict, run_dir: Path, overrides: list[str]) -> dict[str,
     for name in names:
         method, cfg = phase_config(name, spec["phases"][name], spec.get("common") or {}, Path(run_dir), outputs,
                                    [*shared, *per_phase[name]])
+        for role in ("student", "teacher"):
+            ref = _model_reference(spec["phases"][name].get(role))
+            if ref is not None and configs[ref][0] != "eval" and configs[ref][1].student.lora is not None:
+                raise ConfigError(f"phase {name}: {role}: {{phase: {ref}}} is a LoRA adapter, which a later phase "
+                                  f"cannot load as its model yet: train phase {ref} without student.lora")
         configs[name] = (method, cfg)
         outputs[name] = cfg.student.model_dump(mode="json", exclude_none=True) if method == "eval" else \
             {"path": str(Path(run_dir) / name / "checkpoints" / "<last>" / "model")}

@@ -91,3 +91,14 @@ def test_the_shipped_personalize_pipeline_is_valid(tmp_path):
     restore = configs["restore"][1]
     assert restore.teacher.path == "models/base" and "midtrain" in restore.student.path
     assert configs["midtrain"][1].data.chat_ratio == 0.3
+
+
+def test_a_lora_phase_cannot_be_handed_on(tmp_path):
+    from opd.config import ConfigError
+    from opd.pipeline import check_pipeline
+
+    spec = {"phases": {"sft": {"method": "sft", "task": {"name": "arithmetic"},
+                               "student": {"tiny": {}, "lora": {"rank": 4}}},
+                       "next": {"method": "eval", "student": {"phase": "sft"}}}}
+    with pytest.raises(ConfigError, match="LoRA adapter"):
+        check_pipeline(spec, tmp_path, [])
