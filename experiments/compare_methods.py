@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from opd.cli.demo import STUDENT_BUILD, TEACHER_BUILD, method_config
+from opd.cli.demo import STUDENT_BUILD, TEACHER_BUILD, demo_recipe, environment, method_config
 from opd.compare import add_common_target, cached_model, model_accuracy, run_comparison, sft_on_teacher_samples
 from opd.config import load_config
 from opd.report import build_comparison_report
@@ -152,6 +152,10 @@ def main() -> None:
         "machine": previous.get("machine", {"platform": platform.platform(), "cpus": os.cpu_count(),
                                             "torch": torch.__version__, "threads": torch.get_num_threads()}),
         "seconds": previous.get("seconds", time.time() - started),
+        # what RESULTS.md's setting is checked against (experiments/write_results.py); a summary of
+        # older runs keeps what they recorded (nothing, before recipes were kept)
+        "recipe": previous.get("recipe") if args.summarize_only else demo_recipe(),
+        "environment": previous.get("environment") if args.summarize_only else environment(),
         "teacher_accuracy": spread([c["teacher_accuracy"] for c in per_seed]),
         "target_fraction": per_seed[0]["target_fraction"],
         "common_target": spread([c["common_target"] for c in per_seed]),

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
 from opd.config import ModelConfig, RunConfig
 from opd.models import cache_root
@@ -36,11 +37,22 @@ def config_key(cfg: RunConfig, *extra, only: tuple[str, ...] = ()) -> str:
     the tiny tokenizer, which the code builds, so a change to it invalidates cached tiny models."""
     tree = {k: v for k, v in cfg.model_dump(mode="json").items()
             if k not in _COSMETIC and (not only or k in only)}
+    # Settings added later, at their defaults, are left out, so that models cached before keep their keys.
+    if tree.get("eval", {}).get("teacher_accuracy") is True:  # adds metrics; the weights are the same
+        del tree["eval"]["teacher_accuracy"]
+    for role in ("student", "teacher"):
+        tiny = (tree.get(role) or {}).get("tiny")
+        if tiny is not None and not tiny.get("tokenizer_corpus"):
+            del tiny["tokenizer_corpus"]
     tokenizer = ""
-    if any(spec is not None and spec.tiny is not None for spec in (cfg.student, cfg.teacher)):
+    tiny = [spec.tiny for spec in (cfg.student, cfg.teacher) if spec is not None and spec.tiny is not None]
+    if tiny:
         from opd.tiny import _tokenizer_json
 
-        tokenizer = hashlib.sha256(_tokenizer_json(768).encode()).hexdigest()
+        corpus = tuple(tiny[0].tokenizer_corpus)  # empty: the key of a run from before the field existed
+        tokenizer = hashlib.sha256(_tokenizer_json(768, *([corpus] if corpus else [])).encode()).hexdigest()
+        if corpus:  # the files' contents, not only their names
+            tokenizer += "".join(hashlib.sha256(open(f, "rb").read()).hexdigest() for f in corpus)
     return hashlib.sha256(json.dumps([tree, tokenizer, *extra], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -129,6 +141,35 @@ def eval_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "eval/accuracy" in r]
 
 
+def mean_rows(run_dirs: list[Path]) -> list[dict]:
+    """The metrics of several seeds of one config as one run: at every step that all of them
+    logged, the mean of each number they all logged (one run: its rows as they are)."""
+    from opd.run_dir import read_metrics
+
+    per_run = [read_metrics(Path(d) / "metrics.jsonl") for d in run_dirs]
+    if len(per_run) == 1:
+        return per_run[0]
+    by_step = [{r["step"]: r for r in rows} for rows in per_run]
+    out = []
+    for step in sorted(set.intersection(*(set(b) for b in by_step))):
+        rows = [b[step] for b in by_step]
+        keys = set.intersection(*(set(r) for r in rows))
+        out.append({k: sum(r[k] for r in rows) / len(rows) if k != "step" else step for k in sorted(keys)
+                    if all(isinstance(r[k], (int, float)) and not isinstance(r[k], bool) for r in rows)})
+    return out
+
+
+def logged_teacher_accuracy(run_dirs: list[Path]) -> float | None:
+    """The teacher's accuracy that the runs measured at step 0 (eval/teacher_accuracy; the mean when
+    several runs logged one); None when none did (no teacher, a served one, or an older run)."""
+    values = []
+    for d in run_dirs:
+        first = next(iter(eval_rows(d)), {})
+        if first.get("eval/teacher_accuracy") is not None:
+            values.append(first["eval/teacher_accuracy"])
+    return sum(values) / len(values) if values else None
+
+
 def reach(rows: list[dict], target: float) -> Reached | None:
     """The first evaluation whose accuracy is at least `target` (None: never within the run)."""
     for r in rows:
@@ -145,46 +186,79 @@ def reached_fields(rows: list[dict], target: float, suffix: str) -> dict:
             f"flops_with_data_to_{suffix}": reached.flops_with_data if reached else None}
 
 
-def method_row(name: str, run_dir: Path, target: float, extra_seconds: float = 0.0) -> dict:
-    """One line of the comparison table, from a finished run's files."""
-    summary = json.loads((Path(run_dir) / "summary.json").read_text())
-    rows = eval_rows(run_dir)
+def method_row(name: str, run_dir: Path | list[Path], target: float | None, extra_seconds: float = 0.0) -> dict:
+    """One line of the comparison table, from a finished run's files, or from several seeds of one
+    config (their mean curve: accuracies, FLOPs and wall time are means over the seeds)."""
+    run_dirs = [Path(d) for d in (run_dir if isinstance(run_dir, list) else [run_dir])]
+    summaries = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
+    rows = [r for r in mean_rows(run_dirs) if "eval/accuracy" in r]
+
+    def mean(key: str) -> float:
+        return sum(s[key] for s in summaries) / len(summaries)
+
+    reached = reached_fields(rows, target, "target") if target is not None else \
+        {"steps_to_target": None, "flops_to_target": None, "flops_with_data_to_target": None}
     return {
         "method": name,
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dirs[0]),
+        "run_dirs": [str(d) for d in run_dirs],
+        "seeds": len(run_dirs),
         "start_accuracy": rows[0]["eval/accuracy"] if rows else None,
         "final_accuracy": rows[-1]["eval/accuracy"] if rows else None,
         "best_accuracy": max(r["eval/accuracy"] for r in rows) if rows else None,
-        "steps": summary["steps_done"],
-        **reached_fields(rows, target, "target"),
-        "flops_total": summary["flops_total"],
-        "flops_total_with_data": summary["flops_total_with_data"],
+        "steps": max(s["steps_done"] for s in summaries),
+        **reached,
+        "flops_total": mean("flops_total"),
+        "flops_total_with_data": mean("flops_total_with_data"),
         # Time in the steps (sampling, scoring, training), not in evaluations; SFT adds the time
         # the teacher took to write its data.
-        "wall_s": summary["wall_s_total"] + extra_seconds,
+        "wall_s": mean("wall_s_total") + extra_seconds,
     }
 
 
-def run_comparison(out_dir: Path, runs: dict[str, RunConfig], teacher_accuracy: float,
+def run_comparison(out_dir: Path, runs: dict[str, RunConfig], teacher_accuracy: float | None = None,
                    target_fraction: float = TARGET_FRACTION,
                    extra_seconds: dict[str, float] | None = None, console: Console | None = None,
                    notes: dict | None = None) -> dict:
-    """Train every config into out_dir/<name> and write out_dir/comparison.json: per method,
-    final accuracy and the steps and FLOPs to reach target_fraction of the teacher's accuracy."""
+    """Train every config into out_dir/<name>, then compare them (compare_runs): per method, final
+    accuracy and the steps and FLOPs to reach target_fraction of the teacher's accuracy (by default
+    the one the runs measured at step 0)."""
     from opd.loop import train
 
     console = console or Console()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = target_fraction * teacher_accuracy
     for name, cfg in runs.items():
         summary = train(cfg.model_copy(update={"run_dir": str(out_dir / name)}), console=console)
         if summary["interrupted"]:
             raise KeyboardInterrupt
-    table = [method_row(name, out_dir / name, target, (extra_seconds or {}).get(name, 0.0)) for name in runs]
+    return compare_runs({name: [out_dir / name] for name in runs}, out_dir, target_fraction, teacher_accuracy,
+                        extra_seconds, notes)
+
+
+def compare_runs(groups: dict[str, list[Path]], out_dir: Path, target_fraction: float = TARGET_FRACTION,
+                 teacher_accuracy: float | None = None, extra_seconds: dict[str, float] | None = None,
+                 notes: dict | None = None) -> dict:
+    """The comparison of finished runs (`opd compare`, `opd demo`, the experiments): one row per
+    group of runs (seeds of one config), written to out_dir/comparison.json and returned. The
+    target is target_fraction of the teacher's accuracy (by default the one the runs logged at
+    step 0; None without a teacher, then only the common accuracy is compared)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if teacher_accuracy is None:
+        teacher_accuracy = logged_teacher_accuracy([d for dirs in groups.values() for d in dirs])
+    target = None if teacher_accuracy is None else target_fraction * teacher_accuracy
+    table = [method_row(name, dirs, target, (extra_seconds or {}).get(name, 0.0)) for name, dirs in groups.items()]
+    missing = [r["method"] for r in table if r["best_accuracy"] is None]
+    if missing:
+        raise ValueError(f"no graded evaluation (eval/accuracy) in the metrics of {', '.join(missing)}: runs are "
+                         f"compared by held-out accuracy, so they need a task or graded eval prompts")
     common = add_common_target(table)
     comparison = {"teacher_accuracy": teacher_accuracy, "target_fraction": target_fraction, "target": target,
-                  "common_target": common, "runs": {name: name for name in runs}, "table": table, **(notes or {})}
+                  "common_target": common,
+                  # paths relative to the comparison's folder, so that the two can move together
+                  "runs": {name: [os.path.relpath(d, out_dir) for d in dirs] for name, dirs in groups.items()},
+                  "table": table, **(notes or {})}
     (out_dir / "comparison.json").write_text(json.dumps(comparison, indent=2))
     return comparison
 
@@ -196,5 +270,117 @@ def add_common_target(table: list[dict]) -> float:
     which it first got there. Returns that accuracy."""
     common = min(r["best_accuracy"] for r in table)
     for r in table:
-        r.update(reached_fields(eval_rows(r["run_dir"]), common, "common"))
+        rows = [x for x in mean_rows(r.get("run_dirs") or [r["run_dir"]]) if "eval/accuracy" in x]
+        r.update(reached_fields(rows, common, "common"))
     return common
+
+
+# ----------------------------------------------------------------------------------------------
+# `opd compare RUN_DIR...`: which runs are seeds of one config, and what to call each group
+
+_NOT_THE_RUN = ("run_dir", "log", "checkpoint")  # where and how a run is logged, not what it computes
+
+
+def expand_run_dirs(paths: list[Path]) -> list[Path]:
+    """Run directories; a comparison's folder (`opd demo`'s) stands for the runs it compared."""
+    out = []
+    for path in map(Path, paths):
+        if (path / "metrics.jsonl").is_file():
+            out.append(path)
+        elif (path / "comparison.json").is_file():
+            runs = json.loads((path / "comparison.json").read_text())["runs"]
+            out += [path / rel for rels in runs.values() for rel in ([rels] if isinstance(rels, str) else rels)]
+        else:
+            raise FileNotFoundError(f"{path}: not a run directory of opd (no metrics.jsonl) nor a comparison "
+                                    f"(no comparison.json)")
+    return out
+
+
+def group_runs(run_dirs: list[Path]) -> dict[str, list[Path]]:
+    """Runs whose configs differ only in train.seed are seeds of one config: one group. A group is
+    named by its method when no other group has that method, else by its first run's folder."""
+    import yaml
+
+    groups: dict[str, list[Path]] = {}
+    methods: dict[str, str] = {}
+    for d in run_dirs:
+        tree = yaml.safe_load((Path(d) / "config.yaml").read_text()) or {}
+        tree = {k: v for k, v in tree.items() if k not in _NOT_THE_RUN}
+        tree.get("train", {}).pop("seed", None)
+        key = json.dumps(tree, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(Path(d))
+        methods[key] = tree.get("method", "?")
+    counts: dict[str, int] = {}
+    for key in groups:
+        counts[methods[key]] = counts.get(methods[key], 0) + 1
+    named = {}
+    for key, dirs in groups.items():
+        name = methods[key] if counts[methods[key]] == 1 else dirs[0].name
+        while name in named:  # two folders of one name in different places
+            name = str(dirs[0])
+        named[name] = dirs
+    return named
+
+
+# ----------------------------------------------------------------------------------------------
+# The printed tables (`opd demo`, `opd compare`)
+
+
+def print_comparison(comparison: dict, console: Console) -> None:
+    """Two tables (they fit an 80-column terminal): accuracy and cost per method, then the steps and
+    FLOPs at which each method first reached the target (and the common accuracy)."""
+    target, common, teacher = comparison["target"], comparison.get("common_target"), comparison["teacher_accuracy"]
+    rows = comparison["table"]
+    one_start = len({r["start_accuracy"] for r in rows}) == 1  # methods from one start: one row for it
+
+    def label(r: dict) -> str:
+        return r["method"] + (f" ({r['seeds']} seeds)" if r.get("seeds", 1) > 1 else "")
+
+    results = Table(title="one student start, one budget" if one_start else "runs compared")
+    columns = ("", *(() if one_start else ("start",)), "accuracy", "best", "FLOPs", "wall time")
+    for column in columns:
+        results.add_column(column, justify="right" if column else "left")
+    pad = [] if one_start else [""]
+    if one_start:
+        results.add_row("student start", f"{rows[0]['start_accuracy']:.3f}")
+    results.add_row("teacher", *pad, "-" if teacher is None else f"{teacher:.3f}")
+    for r in rows:
+        results.add_row(label(r), *([] if one_start else [f"{r['start_accuracy']:.3f}"]), f"{r['final_accuracy']:.3f}",
+                        f"{r['best_accuracy']:.3f}", f"{r['flops_total']:.2e}", f"{r['wall_s']:.0f} s")
+        if r["flops_total_with_data"] > r["flops_total"]:  # SFT on teacher samples: the data's cost paid too
+            results.add_row(f"  {r['method']}, data paid", *pad, "", "", f"{r['flops_total_with_data']:.2e}", "")
+    console.print(results)
+
+    levels = {**({"target": target} if target is not None else {}), **({"common": common} if common is not None else {})}
+    title = "steps and FLOPs to " + " and to ".join(
+        ([f"the target ({comparison['target_fraction']:.0%} of the teacher)"] if target is not None else [])
+        + (["the common accuracy"] if common is not None else []))
+    reaching = Table(title=title)
+    reaching.add_column("", no_wrap=True)
+    for level in levels.values():
+        reaching.add_column(f"steps to {level:.3f}", justify="right")
+        reaching.add_column(f"FLOPs to {level:.3f}", justify="right")
+
+    def cells(r: dict, flops: str, with_steps: bool) -> list[str]:  # steps and FLOPs to each level
+        out = []
+        for suffix in levels:
+            step = r.get(f"steps_to_{suffix}")
+            out += ["" if not with_steps else "not reached" if step is None else str(step),
+                    "-" if step is None else f"{r[f'{flops}_to_{suffix}']:.2e}"]
+        return out
+
+    for r in rows:
+        reaching.add_row(label(r), *cells(r, "flops", with_steps=True))
+        if r["flops_total_with_data"] > r["flops_total"]:  # the steps are the same; only the FLOPs differ
+            reaching.add_row(f"  {r['method']}, data paid", *cells(r, "flops_with_data", with_steps=False))
+    console.print(reaching)
+    console.print("accuracy: sampled pass@1 on held-out problems; FLOPs: student + teacher, training steps only "
+                  "(\"data paid\" adds the teacher's sampling of SFT's data); wall time: training steps, SFT's "
+                  "including the teacher's sampling")
+    if teacher is None:
+        console.print("no teacher accuracy: none of the runs measured an in-process teacher at step 0, so there is "
+                      "no target, only the common accuracy")
+    if common is not None:
+        console.print(f"{common:.3f}, the common accuracy: the highest that every method reached (the lowest of "
+                      "their best evaluations), to compare steps and FLOPs at one accuracy when the target is out "
+                      "of reach")

@@ -19,6 +19,7 @@ from opd.learner.learner import Learner, objective_of
 from opd.models import load_model, load_tokenizer, pick_device
 from opd.roles import Sampler, Teacher, check_output_sizes
 from opd.sampler import build_sampler
+from opd.sampler.hf import HFSampler
 from opd.tasks import is_graded
 from opd.teacher.hf import HFTeacher
 
@@ -30,6 +31,8 @@ class Components:
     teacher: Teacher | None
     tokenizer: object
     data: RunData
+    # The teacher as a sampler (an in-process teacher only): for its own accuracy, the run's ceiling.
+    teacher_sampler: Sampler | None = None
 
     def close(self) -> None:
         try:
@@ -101,4 +104,5 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
         if teacher is not None:
             teacher.close()
         raise
-    return Components(learner, sampler, teacher, tokenizer, data)
+    teacher_sampler = HFSampler(teacher.model, tokenizer, cfg.sampling) if isinstance(teacher, HFTeacher) else None
+    return Components(learner, sampler, teacher, tokenizer, data, teacher_sampler)

@@ -43,6 +43,10 @@ class TinyModelConfig(Section):
     # Train this many steps on the built-in conversations before use (cached), so the model has
     # consistent behaviour to distil; 0: random weights.
     pretrain_steps: int = Field(0, ge=0)
+    # Your own text files (.txt, or .jsonl whose string fields are read): the tiny tokenizer learns
+    # its merges from them too, so your task's words are a few tokens each, not arbitrary pieces.
+    # Student and teacher must name the same files (their tokenizers are compared).
+    tokenizer_corpus: list[str] = Field(default_factory=list)
 
 
 class ModelConfig(Section):
@@ -227,6 +231,9 @@ class EvalConfig(Section):
     # Built-in tasks evaluated besides the run's own eval prompts, logged as eval/<task>/...
     # (e.g. [knowledge, instruction] to watch knowledge and behaviour during mid-training).
     tasks: list[Literal["arithmetic", "knowledge", "instruction"]] = Field(default_factory=list)
+    # At step 0, also the teacher's own accuracy on the eval sets (eval/teacher_accuracy): the
+    # ceiling the student is measured against. In-process teachers only (a served one does not sample).
+    teacher_accuracy: bool = True
 
 
 class LogConfig(Section):

@@ -34,6 +34,10 @@ def resolve_model(model: str, config: Path | None) -> tuple[dict, Path | None]:
     """(config tree, checkpoint weights directory or None) for a run directory, a checkpoint
     directory, or a model path."""
     path = Path(model)
+    if (path / "comparison.json").is_file() and not (path / "config.yaml").is_file():  # `opd demo`'s folder
+        runs = sorted(p.name for p in path.iterdir() if (p / "config.yaml").is_file())
+        raise ConfigError(f"{path} is a comparison of runs, not one run: evaluate one of them, e.g. "
+                          f"`opd eval {path / (runs[0] if runs else 'distill')}` (runs here: {', '.join(runs) or 'none'})")
     if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():  # a run directory
         checkpoint = latest_checkpoint(path)
         if checkpoint is None:
@@ -56,6 +60,12 @@ def run_eval(model: str, tasks: list[str], config: Path | None, overrides: list[
              console: Console | None = None) -> dict:
     tree, weights = resolve_model(model, config)
     cfg = load_config(None, [*overrides, "log.progress=false"], base=tree)
+    return evaluate_config(cfg, weights, tasks, model, console)
+
+
+def evaluate_config(cfg, weights: Path | None, tasks: list[str], label: str, console: Console | None = None) -> dict:
+    """`opd eval` of cfg.student (with `weights` loaded over it when given) on `tasks`, or on cfg's
+    own eval sets when none are named; also an eval phase of `opd pipeline`."""
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
     student_tokenizer = load_tokenizer(cfg.student)
@@ -83,7 +93,7 @@ def run_eval(model: str, tasks: list[str], config: Path | None, overrides: list[
                           "with task.name or data.eval_prompts")
 
     sampler = HFSampler(student, tokenizer, cfg.sampling)
-    results = {"model": model, "checkpoint": str(weights.parent) if weights is not None else None,
+    results = {"model": label, "checkpoint": str(weights.parent) if weights is not None else None,
                "samples_per_prompt": 1 if cfg.eval.greedy else cfg.eval.samples_per_prompt,
                "greedy": cfg.eval.greedy, "seed": cfg.eval.seed, "sets": {}}
     for name, prompts in sets.items():

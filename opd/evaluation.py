@@ -14,7 +14,7 @@ import torch
 
 from opd.advantages import teacher_kl
 from opd.config import EvalConfig
-from opd.roles import Learner, Sampler, Teacher, check_output_sizes
+from opd.roles import Learner, Sampler, Teacher, TeacherScores, check_output_sizes
 from opd.rollouts import Rollouts
 from opd.tasks import Grade, grade, is_graded
 
@@ -105,14 +105,39 @@ def evaluate_prompts(prompts: list, sampler: Sampler, cfg: EvalConfig, max_new_t
     exact = (learner is not None and teacher is not None and teacher.full_distribution
              and check_output_sizes(learner, teacher, needs_full_distribution=False))
     if teacher is not None and not cfg.greedy:
-        scores = teacher.score(rollouts, keep_hidden=exact)
+        scores = teacher.score(rollouts, keep_hidden=teacher.full_distribution)
     metrics = rollout_metrics(rollouts, scores.logprobs if scores is not None else None)
     metrics.pop("tokens")
     if scores is not None and exact:
         metrics["exact_kl"] = learner.divergence(rollouts, scores, "reverse_kl")
+    if scores is not None and scores.hidden is not None:
+        metrics["teacher_entropy"] = teacher_entropy(rollouts, scores)
     grades = grade_rollouts(rollouts, sampler.tokenizer, default_grader)
     graded = reward_metrics(grades, rollouts.group_ids)
     graded.pop("groups_all_equal", None)
     graded.pop("groups_all_equal_frac", None)
     metrics.update(graded)
     return metrics, rollouts
+
+
+@torch.no_grad()
+def teacher_entropy(rollouts: Rollouts, scores: TeacherScores, chunk_size: int = 256) -> float:
+    """The teacher's mean entropy (nats) over the completion positions of the student's samples: a
+    first audit of the teacher. A teacher that is unsure on the student's states (high entropy there)
+    gives a weak, noisy signal however strong it is on its own samples."""
+    states_M_H = scores.hidden[:, :-1][rollouts.predicts_completion]
+    total = 0.0
+    for start in range(0, states_M_H.shape[0], chunk_size):
+        logprobs = torch.log_softmax(scores.logits(states_M_H[start:start + chunk_size]).float(), dim=-1)
+        total += float(-(logprobs.exp() * logprobs).sum())
+    return total / max(states_M_H.shape[0], 1)
+
+
+def teacher_ceiling(prompts: list, teacher_sampler: Sampler, cfg: EvalConfig, max_new_tokens: int,
+                    default_grader: str | None = None) -> dict:
+    """The teacher evaluated as a model, exactly as the student is (same prompts, seed, k, length):
+    its graded metrics renamed teacher_accuracy, teacher_instruction_accuracy, teacher_check/<name>.
+    {} when the prompts are not graded."""
+    metrics, _ = evaluate_prompts(prompts, teacher_sampler, cfg, max_new_tokens, default_grader=default_grader)
+    graded = ("accuracy", "instruction_accuracy")
+    return {f"teacher_{k}": v for k, v in metrics.items() if k in graded or k.startswith("check/")}

@@ -36,10 +36,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from opd.advantages import compute_advantages
+from opd.collapse import CollapseWatch
 from opd.components import Components, build
 from opd.config import ConfigError, RunConfig
 from opd.data import PromptSchedule
-from opd.evaluation import evaluate_prompts, grade_rollouts, reward_metrics, rewards_of, rollout_metrics
+from opd.evaluation import evaluate_prompts, grade_rollouts, reward_metrics, rewards_of, rollout_metrics, teacher_ceiling
 from opd.flops import sampling_flops, scoring_flops, training_flops
 from opd.learner.checkpoint import (NonFiniteWeightsError, latest_checkpoint, load_trainer_state, rng_state,
                                     save_checkpoint, set_rng_state)
@@ -78,6 +79,20 @@ def evaluate(components: Components, cfg: RunConfig) -> dict:
         metrics, _ = evaluate_prompts(prompts, components.sampler, cfg.eval,
                                       cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, components.teacher,
                                       cfg.data.grader, components.learner)
+        prefix = f"eval/{name}/" if name else "eval/"
+        out.update({prefix + k: v for k, v in metrics.items()})
+    return out
+
+
+def evaluate_teacher(components: Components, cfg: RunConfig) -> dict:
+    """The teacher's own accuracy on every eval set (eval/teacher_accuracy, eval/<task>/teacher_...),
+    once at step 0: the ceiling the student's curves are read against. {} without an in-process teacher."""
+    if components.teacher_sampler is None or not cfg.eval.teacher_accuracy:
+        return {}
+    out = {}
+    for name, prompts in components.data.eval_sets.items():
+        metrics = teacher_ceiling(prompts, components.teacher_sampler, cfg.eval,
+                                  cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, cfg.data.grader)
         prefix = f"eval/{name}/" if name else "eval/"
         out.update({prefix + k: v for k, v in metrics.items()})
     return out
@@ -402,12 +417,16 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
         first_eval = last_eval = timed_evaluate()
         last_eval_step = 0
         if first_eval:
+            t = time.perf_counter()
+            first_eval = {**first_eval, **evaluate_teacher(components, cfg)}  # the ceiling: step 0 only
+            totals["eval_s_total"] += time.perf_counter() - t
             log.log(0, {**first_eval, **totals})
     last_metrics: dict = {}
     interrupted = False
     nonfinite_in_a_row = 0
     step = start_step
     score_with_teacher = teacher_scores_training(cfg, components)
+    collapse = CollapseWatch(cfg.method)  # warns (once each) of truncation rising, RL groups all equal
 
     progress = Progress(TextColumn(f"[bold]{cfg.method}[/bold]"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
@@ -426,6 +445,8 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
                                               f"(step {step - 1}): restart the server, then run again with "
                                               f"--resume") from None
             nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics["skipped"] else 0
+            for warning in collapse.check(step, metrics):
+                console.print(f"[yellow]{escape(warning)}[/yellow]")
 
             eval_error = None
             if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.steps:
@@ -478,11 +499,12 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
 
 
 def status_line(metrics: dict) -> str:
+    """The progress bar's figures: of this step's training batch (held-out ones are in the tables)."""
     parts = []
     if "teacher_kl" in metrics:
         parts.append(f"teacher KL {metrics['teacher_kl']:.4f}")
     if "accuracy" in metrics:
-        parts.append(f"accuracy {metrics['accuracy']:.3f}")
+        parts.append(f"train-batch accuracy {metrics['accuracy']:.3f}")
     if "cross_entropy" in metrics:
         parts.append(f"loss {metrics['cross_entropy']:.4f}")
     if "completion_len" in metrics:

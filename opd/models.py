@@ -62,7 +62,7 @@ def load_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase:
     if spec.tiny is not None:
         from opd.tiny import build_tiny_tokenizer
 
-        return _with_pad(build_tiny_tokenizer())
+        return _with_pad(build_tiny_tokenizer(corpus_files=tuple(spec.tiny.tokenizer_corpus)))
     gguf_path = _gguf_path(spec)
     if gguf_path is not None:
         cached = _gguf_cache_dir(gguf_path)
@@ -183,10 +183,21 @@ def _resolve_directory(spec: ModelConfig) -> str:
     except Exception:
         pass
     hf_home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    # A hub id is `org/name`; a path that starts like a path, or whose first folder exists, is meant
+    # to be local, and a download would not help.
+    looks_local = (spec.path.startswith((".", "/", "~")) or spec.path.count("/") != 1
+                   or Path(spec.path.split("/")[0]).is_dir())
+    if looks_local:
+        raise ModelNotFoundError(
+            f"model {spec.path!r} not found: no such directory ({path.resolve()}) nor .gguf file. Give the "
+            f"folder of a model saved with save_pretrained (or a checkpoint's .../checkpoints/step_N/model); to "
+            f"try opd without a model of your own: opd pipeline --config configs/example_own_data.yaml")
     raise ModelNotFoundError(
         f"model {spec.path!r} not found: it is not a local directory ({path.resolve()}) nor a .gguf file, "
-        f"and not in the local Hugging Face cache ({hf_home}). opd never downloads models: fetch it on a "
-        f"machine with network access (e.g. `huggingface-cli download {spec.path}`) and pass the directory."
+        f"and not in the local Hugging Face cache ({hf_home}). If it is a Hugging Face id: opd never downloads "
+        f"models: fetch it on a machine with network access (e.g. `huggingface-cli download {spec.path}`) and "
+        f"pass the directory. A local model: check the path. To try opd without a model of your own: "
+        f"opd pipeline --config configs/example_own_data.yaml"
     )
 
 

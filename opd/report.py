@@ -2,8 +2,10 @@
 
 * accuracy vs step and vs FLOPs (every `eval/.../accuracy` curve in metrics.jsonl);
 * teacher KL vs step (training samples and evaluation);
-* sampled rollouts with every token coloured by its per-token teacher KL, so a reader sees where
-  the student forks from the teacher (white: the teacher agrees; red: the teacher would not say it).
+* sampled rollouts with every token coloured by its log-ratio k = log p_student - log p_teacher (the
+  single-sample term of the reverse-KL estimate, negative where the teacher likes the token more than
+  the student), so a reader sees where the student forks from the teacher (white: the teacher agrees,
+  which is not the same as correct; red: the teacher would not have said it).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def coloured_rollout(record: dict) -> str:
     spans = []
     for token, kl in zip(record["tokens"], record["teacher_kl"]):
         spans.append(f'<span class="tok" style="background:{kl_colour(kl)}" data-kl="{kl!r}" '
-                     f'title="KL {kl:.3f}">{html.escape(token)}</span>')
+                     f'title="k {kl:.3f} nats">{html.escape(token)}</span>')
     return "".join(spans)
 
 
@@ -89,16 +91,28 @@ def _rollouts_html(run_dir: Path, shown: int, label: str = "") -> list[str]:
             f'<div class="rollout"><div class="prompt">{html.escape(r.get("prompt") or "")}</div>'
             f'<div class="completion" data-run="{html.escape(label)}" data-file="{path.name}" data-index="{i}">'
             f'{coloured_rollout(r)}</div>'
-            f'<div class="meta">mean KL {sum(r["teacher_kl"]) / max(len(r["teacher_kl"]), 1):.3f} per token'
+            f'<div class="meta">mean log-ratio k {sum(r["teacher_kl"]) / max(len(r["teacher_kl"]), 1):.3f} nats per '
+            f'token (a one-sample estimate of the reverse KL: it can be negative)'
             f'{", score " + str(r["score"]) if "score" in r else ""}</div></div>'
             for i, r in enumerate(records))
         blocks.append(f"<h3>{html.escape(label + ' ' if label else '')}{path.stem.replace('_', ' ')}</h3>{items}")
     return blocks
 
 
-ROLLOUTS_INTRO = (f"<p>Each token of the student's sample is shaded by k = log p_student − log p_teacher of that "
-                  f"token: white where the teacher agrees, red (at {KL_SCALE:g} nats or more) where it would not "
-                  f"have said it. Hover a token for its value.</p>")
+def _colour_scale() -> str:
+    """The legend: k from below 0 to KL_SCALE nats, as the tokens are shaded."""
+    stops = [-1.0, 0.0, KL_SCALE / 4, KL_SCALE / 2, 3 * KL_SCALE / 4, KL_SCALE]
+    cells = "".join(f'<span class="scale" style="background:{kl_colour(k)}">{"≤ 0" if k <= 0 else f"{k:g}"}'
+                    f'{"+" if k == KL_SCALE else ""}</span>' for k in stops[1:])
+    return f'<p class="legend">k (nats): {cells}</p>'
+
+
+ROLLOUTS_INTRO = (f"<p>Each token of the student's sample is shaded by its log-ratio k = log p_student − log "
+                  f"p_teacher: the single-sample term of the reverse-KL estimate (its mean over many samples is the "
+                  f"KL; one token's k can be negative, where the teacher gives the token more probability than the "
+                  f"student). White (k ≤ 0) means the teacher agrees with the token, <b>not</b> that the token is "
+                  f"correct: a teacher can be confidently wrong. Red (k ≥ {KL_SCALE:g} nats) means the teacher would "
+                  f"not have said it. Hover a token for its value.</p>" + _colour_scale())
 
 
 def _page(title: str, body: str) -> str:
@@ -111,6 +125,7 @@ td:first-child {{ text-align: left; }}
 .rollout {{ margin: 0.8em 0; }} .prompt {{ color: #555; font-size: 0.9em; }}
 .completion {{ font-family: monospace; white-space: pre-wrap; line-height: 1.6; }}
 .tok {{ border-radius: 2px; }} .meta {{ color: #777; font-size: 0.8em; }}
+.scale {{ display: inline-block; min-width: 3em; text-align: center; border: 1px solid #ddd; font-size: 0.8em; }}
 </style></head><body>
 {body}
 </body></html>
@@ -133,13 +148,17 @@ def build_report(run_dir: str | Path, rollouts_shown: int = 4) -> Path:
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
 
     accuracy_keys = sorted({k for r in rows for k in r if k.startswith("eval/") and k.endswith("accuracy")
-                            and "instruction_accuracy" not in k})
+                            and "instruction_accuracy" not in k and "teacher_" not in k})
+    # the teacher's own accuracy, measured once at step 0: a line, the ceiling of its curve
+    ceilings = {f"teacher {k.removeprefix('eval/').removesuffix('teacher_accuracy')}{v:.3f}": v
+                for k, v in (rows[0] if rows else {}).items() if k.endswith("teacher_accuracy")
+                and "instruction" not in k}
     figures = []
-    if _plot(run_dir / "accuracy_vs_step.png", "accuracy vs step", "step", "accuracy",
-             {k: _curve(rows, "step", k) for k in accuracy_keys}):
+    if _plot(run_dir / "accuracy_vs_step.png", "held-out accuracy vs step", "step", "accuracy",
+             {k: _curve(rows, "step", k) for k in accuracy_keys}, ceilings):
         figures.append("accuracy_vs_step.png")
-    if _plot(run_dir / "accuracy_vs_flops.png", "accuracy vs training FLOPs", "FLOPs (student + teacher)",
-             "accuracy", {k: _curve(rows, "flops_total", k) for k in accuracy_keys}):
+    if _plot(run_dir / "accuracy_vs_flops.png", "held-out accuracy vs training FLOPs", "FLOPs (student + teacher)",
+             "accuracy", {k: _curve(rows, "flops_total", k) for k in accuracy_keys}, ceilings):
         figures.append("accuracy_vs_flops.png")
     kl_curves = {k: _curve(rows, "step", k) for k in ("teacher_kl", "eval/teacher_kl", "eval/exact_kl")
                  if any(k in r for r in rows)}
@@ -158,7 +177,7 @@ def build_report(run_dir: str | Path, rollouts_shown: int = 4) -> Path:
 <table><tr><th>metric</th><th>start</th><th>end</th></tr>{table}</table>
 <h2 id="curves">Curves</h2>
 {_images(figures)}
-<h2 id="rollouts">Rollouts coloured by per-token teacher KL</h2>
+<h2 id="rollouts">Rollouts coloured by the per-token log-ratio to the teacher</h2>
 {ROLLOUTS_INTRO}
 {"".join(_rollouts_html(run_dir, rollouts_shown)) or "<p>no rollouts with teacher scores in this run</p>"}"""
     out = run_dir / "report.html"
@@ -176,10 +195,16 @@ def build_comparison_report(out_dir: str | Path, rollouts_shown: int = 4) -> Pat
     the teacher's level, teacher KL vs step, and the KL-coloured rollouts of the runs that have them."""
     out_dir = Path(out_dir)
     comparison = json.loads((out_dir / "comparison.json").read_text())
-    runs = {name: out_dir / rel for name, rel in comparison["runs"].items()}
-    rows = {name: read_jsonl(path / "metrics.jsonl") for name, path in runs.items()}
-    levels = {f"teacher {comparison['teacher_accuracy']:.3f}": comparison["teacher_accuracy"],
-              f"target {comparison['target']:.3f}": comparison["target"]}
+    from opd.compare import mean_rows
+
+    # one folder per method, or (`opd compare` of several seeds) a list of them: their mean curve
+    runs = {name: [out_dir / rel for rel in ([rels] if isinstance(rels, str) else rels)]
+            for name, rels in comparison["runs"].items()}
+    rows = {name: mean_rows(paths) for name, paths in runs.items()}
+    levels = {}
+    if comparison.get("teacher_accuracy") is not None:
+        levels = {f"teacher {comparison['teacher_accuracy']:.3f}": comparison["teacher_accuracy"],
+                  f"target {comparison['target']:.3f}": comparison["target"]}
     if comparison.get("common_target") is not None:
         levels[f"common {comparison['common_target']:.3f}"] = comparison["common_target"]
 
@@ -200,11 +225,12 @@ def build_comparison_report(out_dir: str | Path, rollouts_shown: int = 4) -> Pat
         figures.append("teacher_kl_vs_step.png")
 
     common = comparison.get("common_target")  # absent in folders written before it existed
-    levels = {"target": "target", **({"common": f"{common:.3f}"} if common is not None else {})}
+    levels = {**({"target": "target"} if comparison.get("target") is not None else {}),
+              **({"common": f"{common:.3f}"} if common is not None else {})}
     blank = "<td></td>" * (2 * len(levels) + 2)
     table_rows = [f"<tr><td>student start</td><td>{_fmt(comparison['table'][0]['start_accuracy'], '.3f')}</td>"
                   f"{blank}</tr>",
-                  f"<tr><td>teacher</td><td>{comparison['teacher_accuracy']:.3f}</td>{blank}</tr>"]
+                  f"<tr><td>teacher</td><td>{_fmt(comparison.get('teacher_accuracy'), '.3f')}</td>{blank}</tr>"]
     for r in comparison["table"]:
         with_data = r["flops_total_with_data"] > r["flops_total"]
 
@@ -226,15 +252,17 @@ def build_comparison_report(out_dir: str | Path, rollouts_shown: int = 4) -> Pat
                    f" {common:.3f} is the highest accuracy that every method reached (the lowest of their best "
                    "evaluations): the steps and FLOPs to it compare the methods at one accuracy even when "
                    "none reaches the target.")
-    rollouts = [block for name, path in runs.items() for block in _rollouts_html(path, rollouts_shown, name)]
-    body = f"""<h1>opd comparison: {html.escape(", ".join(runs))} from one start</h1>
-<p>folder <code>{html.escape(str(out_dir))}</code>. Same student start, same steps and sequences per step; the
-target is {comparison['target_fraction']:.0%} of the teacher's held-out accuracy.{common_text}</p>
+    target_text = ("No run measured a teacher's accuracy, so there is no target." if comparison.get("target") is None
+                   else f"The target is {comparison['target_fraction']:.0%} of the teacher's held-out accuracy "
+                        f"(the teacher evaluated at step 0 on the same prompts, with the same sampling).")
+    rollouts = [block for name, paths in runs.items() for block in _rollouts_html(paths[0], rollouts_shown, name)]
+    body = f"""<h1>opd comparison: {html.escape(", ".join(runs))}</h1>
+<p>folder <code>{html.escape(str(out_dir))}</code>. {target_text}{common_text}</p>
 <h2 id="table">Results</h2>
 <table><tr><th></th><th>accuracy</th>{head}<th>FLOPs in all</th><th>wall time</th></tr>{"".join(table_rows)}</table>
 <h2 id="curves">Curves</h2>
 {_images(figures)}
-<h2 id="rollouts">Rollouts coloured by per-token teacher KL</h2>
+<h2 id="rollouts">Rollouts coloured by the per-token log-ratio to the teacher</h2>
 {ROLLOUTS_INTRO}
 {"".join(rollouts) or "<p>no rollouts with teacher scores</p>"}"""
     out = out_dir / "report.html"

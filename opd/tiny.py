@@ -78,8 +78,36 @@ def _corpus() -> list[str]:
     return texts + ["Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000, and signs: + - * / = ( ) . , ! ? : ;"]
 
 
+def read_corpus_files(paths: tuple[str, ...]) -> list[str]:
+    """The text of the user's corpus files: a .jsonl file's string fields (prompts, messages,
+    answers, documents), any other file as it is."""
+    import json
+    from pathlib import Path
+
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
+
+    texts = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"tiny.tokenizer_corpus: {path} is not a file")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if path.suffix == ".jsonl":
+            texts += [s for line in text.splitlines() if line.strip() for s in strings(json.loads(line))]
+        else:
+            texts += text.splitlines()
+    return texts
+
+
 @functools.lru_cache(maxsize=None)
-def _tokenizer_json(vocab_size: int) -> str:
+def _tokenizer_json(vocab_size: int, corpus_files: tuple[str, ...] = ()) -> str:
     tok = Tokenizer(models.BPE(unk_token=None))
     # Digits split one by one (as in Llama-style tokenizers): numbers are written digit by digit,
     # which small models learn arithmetic on far more easily than on multi-digit tokens.
@@ -88,14 +116,16 @@ def _tokenizer_json(vocab_size: int) -> str:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    # the user's text first: BPE ranks pairs by count, and ties by first appearance
+    tok.train_from_iterator(read_corpus_files(corpus_files) + _corpus(), trainer=trainer)
     return tok.to_str()
 
 
-def build_tiny_tokenizer(vocab_size: int = 768) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with pad/bos/eos, role tokens and a chat template."""
+def build_tiny_tokenizer(vocab_size: int = 768, corpus_files: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with pad/bos/eos, role tokens and a chat template, trained on the
+    built-in corpus and on `corpus_files` (the user's own text, see TinyModelConfig.tokenizer_corpus)."""
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size, tuple(corpus_files))),
         pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
     )
@@ -142,8 +172,11 @@ def _cached_pretrained(cfg: TinyModelConfig, tokenizer) -> LlamaForCausalLM:
 
     from opd.models import cache_root
 
-    key = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), _tokenizer_json(len(tokenizer))],
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    spec = cfg.model_dump(mode="json")
+    if not spec["tokenizer_corpus"]:
+        del spec["tokenizer_corpus"]  # the key of a model built before the field existed
+    key = hashlib.sha256(json.dumps([spec, tokenizer.backend_tokenizer.to_str() if cfg.tokenizer_corpus
+                                     else _tokenizer_json(len(tokenizer))], sort_keys=True).encode()).hexdigest()[:16]
     target = cache_root() / "tiny" / key
     if (target / "config.json").is_file():
         return LlamaForCausalLM.from_pretrained(target)

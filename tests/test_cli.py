@@ -1,6 +1,7 @@
 """The command line: the quick demo runs the whole path; bad input is one clear message, exit 2."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,10 @@ def test_quick_demo_compares_three_methods_and_writes_the_report(tmp_path):
         assert row in result.output
     comparison = json.loads((out / "comparison.json").read_text())
     assert [r["method"] for r in comparison["table"]] == ["distill", "rl", "sft"]
+    # the models it printed are usable paths (not the build's .partial folder, nor checkpoints/latest)
+    models = result.output.split("models (Hugging Face folders", 1)[1].splitlines()[1:6]
+    paths = [line.split(None, 2)[-1].strip() for line in models]
+    assert len(paths) == 5 and all((Path(p) / "config.json").is_file() and ".partial" not in p for p in paths), paths
     assert comparison["target"] == pytest.approx(0.95 * comparison["teacher_accuracy"])
     for r in comparison["table"]:
         evals = [json.loads(line) for line in (out / r["method"] / "metrics.jsonl").read_text().splitlines()

@@ -59,3 +59,18 @@ def test_common_target_is_the_highest_accuracy_every_method_reached(tmp_path):
     assert (fast["steps_to_common"], fast["flops_to_common"]) == (5, 50.0)
     assert (slow["steps_to_common"], slow["flops_to_common"]) == (15, 150.0)
     assert fast["steps_to_target"] is None and slow["steps_to_target"] is None
+
+
+def test_seeds_of_one_config_are_one_row_of_their_mean_curve(tmp_path):
+    runs = []
+    for seed, accuracies in enumerate([[0.2, 0.4, 0.6], [0.2, 0.6, 0.4]]):
+        run = tmp_path / f"seed{seed}"
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(accuracies)))
+        (run / "summary.json").write_text(json.dumps({"steps_done": 10, "flops_total": 100.0 + seed,
+                                                      "flops_total_with_data": 100.0 + seed, "wall_s_total": 2.0 * seed}))
+        runs.append(run)
+    row = method_row("distill", runs, target=0.5)
+    assert row["seeds"] == 2 and row["start_accuracy"] == 0.2
+    assert row["final_accuracy"] == row["best_accuracy"] == 0.5  # the mean curve: 0.2, 0.5, 0.5
+    assert row["steps_to_target"] == 5 and row["flops_total"] == 100.5 and row["wall_s"] == 1.0

@@ -9,6 +9,8 @@
     opd eval     runs/x --task arithmetic --samples 4              # any run, checkpoint or model
     opd tasks    arithmetic --split eval --out eval.jsonl          # write a built-in task's data
     opd report   runs/x                                            # report.html: curves, KL-coloured rollouts
+    opd compare  runs/a runs/b runs/c --out runs/cmp               # any runs: tables, comparison.json, report
+    opd pipeline --config configs/pipeline_personalize.yaml        # phases in order (midtrain -> distill -> eval)
     opd demo                                                       # the embedded default run
 """
 
@@ -26,15 +28,31 @@ from rich.table import Table
 
 from opd.config import METHODS, ConfigError, load_config
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+# rich_markup_mode=None: click's plain help. The rich panels of typer 0.29 print every flag as
+# taking a value (`--resume <bool>`).
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="On-policy distillation of language models.")
 console = Console()
 
 errors = Console(stderr=True, soft_wrap=True)  # an error message is never broken across lines
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            console.print(f"opd {version('opd')}")
+        except PackageNotFoundError:  # run from a source tree that is not installed
+            console.print("opd (not installed: no version recorded)")
+        raise typer.Exit()
+
+
 @app.callback()
-def _quiet_hub_progress_bars() -> None:
+def _quiet_hub_progress_bars(
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                  help="print opd's version and exit"),
+) -> None:
     # opd draws its own progress bars; without this, transformers adds one line per model load
     # and checkpoint save ("Loading weights", "Writing model shards"). Read when transformers is
     # imported, which the commands do later; a user's own setting wins.
@@ -216,6 +234,53 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory")):
 
 
 @app.command()
+def compare(
+    run_dirs: List[Path] = typer.Argument(..., help="run directories (any methods; seeds of one config are grouped), "
+                                                    "or a comparison's folder such as runs/demo"),
+    target: float = typer.Option(0.95, "--target", help="the target, as a fraction of the teacher's accuracy"),
+    out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="folder for comparison.json and report.html"),
+):
+    """Compare finished runs: start, final and best held-out accuracy, steps and FLOPs to the target
+    (a fraction of the teacher's accuracy, measured by the runs at step 0) and to the common
+    accuracy, wall time; comparison.json and report.html in --out."""
+    from opd.compare import compare_runs, expand_run_dirs, group_runs, print_comparison
+    from opd.report import build_comparison_report
+
+    if not 0 < target <= 1:
+        raise _fail(ConfigError(f"--target {target}: a fraction of the teacher's accuracy, in (0, 1]"))
+    try:
+        comparison = compare_runs(group_runs(expand_run_dirs(run_dirs)), out, target_fraction=target)
+        report_path = build_comparison_report(out)
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(err)
+    print_comparison(comparison, console)
+    console.print(f"comparison: {out / 'comparison.json'}   report: {report_path}")
+
+
+@app.command()
+def pipeline(
+    config: Path = typer.Option(..., "--config", "-c", help="pipeline YAML: run_dir, common, phases"),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="dotted key=value settings for every phase, or for one: midtrain:train.steps=50"),
+    resume: bool = typer.Option(False, "--resume", help="skip finished phases; continue the unfinished one"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="instead of the file's run_dir"),
+):
+    """Phases in order, each an ordinary run (midtrain, sft, distill, rl) or an evaluation in its own
+    folder; a phase's student or teacher can be an earlier phase's model ({phase: NAME}). Ends with
+    a table of every evaluation after every phase."""
+    from opd.pipeline import PipelineInterrupted, run_pipeline
+
+    try:
+        run_pipeline(config, overrides or [], resume, console, run_dir)
+    except _user_errors() as err:
+        raise _fail(err)
+    except PipelineInterrupted as err:
+        raise _interrupted(f"{err}: the same command with --resume continues the pipeline")
+    except KeyboardInterrupt:
+        raise _interrupted("interrupted without saving this step; --resume continues from the last checkpoint")
+
+
+@app.command()
 def demo(
     quick: bool = typer.Option(False, "--quick", help="a few steps only: checks the whole path, not the result"),
     run_dir: Path = typer.Option(Path("runs/demo"), "--run-dir", help="a new or empty folder"),
@@ -245,6 +310,11 @@ def _print_summary(summary: dict) -> None:
         console.print(f"{title}: no evaluation set (set task.name or data.eval_prompts to measure the student)")
     else:
         _print_evals(title, start, end, end_step)
+        ceilings = {k: v for k, v in start.items() if k.endswith("/teacher_accuracy")}
+        if ceilings:  # measured once, at step 0
+            console.print("the teacher on the same held-out prompts (its ceiling): " + ", ".join(
+                f"{k.removeprefix('eval/').removesuffix('teacher_accuracy').strip('/') or 'accuracy'} {v:.3f}"
+                for k, v in ceilings.items()))
         if end_step is not None and end_step != summary["steps_done"]:
             console.print(f"[yellow]no final evaluation: the last one is of step {end_step}[/yellow]")
     with_data = (f" (+{summary['flops_data_total']:.3g} to write the data)" if summary.get("flops_data_total") else "")
@@ -258,7 +328,8 @@ def _print_evals(title: str, start: dict, end: dict, end_step: int | None) -> No
     table.add_column("start", justify="right")
     table.add_column("end" if end_step is None else f"step {end_step}", justify="right")
     names = {"teacher_kl": "teacher KL (sampled, per token)", "exact_kl": "exact reverse KL (per token)",
-             "accuracy": "accuracy", "instruction_accuracy": "instruction-level accuracy",
+             "accuracy": "accuracy (held-out)", "instruction_accuracy": "instruction-level accuracy",
+             "teacher_entropy": "teacher entropy on the student's samples",
              "entropy": "student entropy", "completion_len": "completion length"}
     for key in end:
         prefix, _, metric = key.rpartition("/")
