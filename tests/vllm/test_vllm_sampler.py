@@ -213,3 +213,25 @@ def test_a_served_student_reloads_the_learners_weights(tmp_path, vllm_python_or_
         sampler.close()
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA vLLM); CI has none")
+def test_colocated_on_a_gpu_in_bf16_stays_in_sync():
+    """On a GPU in bf16 the engine's kernels differ from the learner's: the mismatch is small, not 0."""
+    spec = ModelConfig(tiny={"hidden_size": 64, "num_heads": 2, "seed": 4, "init_std": 0.3}, dtype="bfloat16")
+    model, tok = load_model(spec, torch.device("cuda"))
+    learner = learner_of(model, lr=3e-2)
+    sampler = VLLMSampler(learner.policy_weights, lambda d: learner.export_policy(d, tok), tok,
+                          SamplingConfig(samples_per_prompt=4, max_new_tokens=12), torch.bfloat16, 256, 0,
+                          eos_token_ids(model, tok))
+    try:
+        prompts = chat_ids(tok, PROMPTS)
+        batch = sampler.sample(prompts, seed=5)
+        learner.train_step(batch, torch.randn_like(batch.behaviour_logprobs) * batch.completion_mask)
+        sampler.sync_weights()
+        after = sampler.sample(prompts, seed=5)
+        expected, _ = learner.policy_logprobs(after)
+        mask = after.completion_mask.bool()
+        assert (after.behaviour_logprobs - expected)[mask].abs().mean() < 0.05
+    finally:
+        sampler.close()
