@@ -14,6 +14,7 @@ from rich.console import Console
 
 from opd.config import ConfigError, ModelConfig, RunConfig
 from opd.data.sources import RunData, load_data
+from opd.learner import distributed
 from opd.learner.learner import Learner, objective_of
 from opd.models import load_model, load_tokenizer, pick_device
 from opd.roles import Sampler, Teacher, check_output_sizes
@@ -87,4 +88,9 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
     if console is not None and data.skipped:
         console.print(f"[yellow]skipped {data.skipped} prompts or examples that do not fit data.max_prompt_tokens="
                       f"{cfg.data.max_prompt_tokens} / data.max_seq_tokens={cfg.data.max_seq_tokens}[/yellow]")
-    return Components(learner, HFSampler(student, tokenizer, cfg.sampling), teacher, tokenizer, data)
+    # Under torchrun the learner's forward becomes data-parallel (DDP or FSDP2; no-op on one process).
+    distributed.wrap(learner, cfg.train.strategy)
+    sampler = HFSampler(student, tokenizer, cfg.sampling)
+    if distributed.is_sharded(learner):  # FSDP2: the sampler gathers the sharded weights it reads
+        sampler = distributed.GatheringSampler(sampler, learner)
+    return Components(learner, sampler, teacher, tokenizer, data)

@@ -189,6 +189,9 @@ class TrainConfig(Section):
     device: str = "auto"  # auto: cuda when present, else cpu
     # A step whose loss or gradient is not finite is skipped (no update); this many in a row stop the run.
     max_nonfinite_steps: int = Field(3, ge=1)
+    # Under torchrun (several processes): ddp replicates the student on every rank; fsdp2 shards its
+    # weights, gradients and optimizer state over the ranks (torch.distributed.fsdp.fully_shard).
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
 
 
 class RLConfig(Section):
