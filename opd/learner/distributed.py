@@ -167,6 +167,8 @@ def combine_metrics(metrics: dict) -> dict:
             combined[key] = sum(values)
         elif key in TOKEN_MEANS:
             combined[key] = sum(m[key] * t for m, t in zip(every, tokens)) / max(sum(tokens), 1)
+        elif all(v == values[0] for v in values):
+            combined[key] = values[0]  # the same on every rank (the learner's metrics): kept exactly
         else:
             combined[key] = sum(values) / len(values)
     return combined
@@ -252,6 +254,7 @@ def wrap(learner, strategy: str) -> None:
         with torch.no_grad():
             ids = torch.zeros(1, 2, dtype=torch.long, device=learner.device)
             wrapped(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        wrapped.reshard()  # the root keeps its weights gathered after a forward; give them back
         learner.rebuild_optimizer()
     head.decoder = wrapped
     learner.wrapped = wrapped
@@ -355,10 +358,21 @@ def load_full_optimizer_state(learner, state: dict) -> None:
                              options=StateDictOptions(full_state_dict=True))
 
 
+@torch.no_grad()
 def load_full_model_state(learner, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    """Copy whole tensors (every rank holds them: each read the checkpoint) into the model; a
+    sharded parameter keeps its own shard, cut locally without any communication."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
-    set_model_state_dict(learner.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    for name, param in learner.model.named_parameters():
+        if name not in state:
+            continue
+        value = state[name].to(param.device, param.dtype)
+        if isinstance(param, DTensor):
+            value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            param.to_local().copy_(value)
+        else:
+            param.copy_(value)
 
 
 def load_sharded_weights(learner, directory) -> None:
