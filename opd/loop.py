@@ -354,7 +354,9 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
             try:
                 metrics, batch, scores, grades = run_step(cfg, components, step, schedule, totals, score_with_teacher)
             except TeacherUnavailableError as err:
-                saved = save(step - 1, *before)
+                # Several processes: only this rank may have failed, so no save can be agreed on; the
+                # last checkpoint stays (torchrun ends the other ranks when this one exits).
+                saved = save(step - 1, *before) if not distributed.active() else latest_checkpoint(run_dir)
                 raise TeacherUnavailableError(f"{err}\nstep {step} could not be scored; saved checkpoint {saved} "
                                               f"(step {step - 1}): restart the server, then run again with "
                                               f"--resume") from None
@@ -376,7 +378,7 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
             progress.update(task, completed=step, status=status_line(metrics))
 
             if eval_error is not None:
-                saved = save(step)
+                saved = save(step) if not distributed.active() else latest_checkpoint(run_dir)
                 raise TeacherUnavailableError(f"{eval_error}\nthe evaluation after step {step} failed; saved "
                                               f"checkpoint {saved}: restart the server, then run again with --resume")
             if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
