@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -261,23 +261,15 @@ def wrap(learner, strategy: str) -> None:
     learner.strategy = strategy
 
 
-def no_gradient_sync(learner, last: bool):
-    """While accumulating micro-batches, reduce gradients only after the last one."""
-    wrapped = getattr(learner, "wrapped", None)
-    if wrapped is None or last:
-        return nullcontext()
-    if hasattr(wrapped, "no_sync"):  # DDP
-        return wrapped.no_sync()
-    return _fsdp_no_sync(wrapped)
-
-
-@contextmanager
-def _fsdp_no_sync(wrapped):
-    wrapped.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        wrapped.set_requires_gradient_sync(True)
+def reduce_gradients_in_this_backward(learner, last: bool) -> None:
+    """Gradient accumulation over micro-batches: gradients are reduced over ranks in the backward
+    of the last micro-batch only. Set before each micro-batch's forward (DDP reads it there)."""
+    if learner.wrapped is None:
+        return
+    if learner.strategy == "ddp":
+        learner.wrapped.require_backward_grad_sync = last  # what DDP's no_sync() sets
+    else:
+        learner.wrapped.set_requires_gradient_sync(last)
 
 
 def is_sharded(learner) -> bool:

@@ -125,37 +125,37 @@ class Learner:
         ratio_sum = clipped = divergence_sum = 0.0
         micro_batches = list(rollouts.micro_batches(self.micro_batch_size))
         for i, (rows, micro) in enumerate(micro_batches):
-            with distributed.no_gradient_sync(self, last=i == len(micro_batches) - 1):
-                _, hidden_M_H = self.head.completion_states(micro)
-                selected = micro.predicts_completion
-                if self.objective == "cross_entropy":
-                    logprobs_M = token_logprobs(self.head.logits, hidden_M_H, micro.tokens[:, 1:][selected],
-                                                self.loss_cfg.chunk_size)
-                    loss = completion_cross_entropy(logprobs_M, num_tokens)
-                elif self.exact:
-                    div_M = token_divergence(self.loss_cfg.kind, self.head.logits, hidden_M_H, scores.logits,
-                                             scores.hidden[rows, :-1][selected], self.loss_cfg.jsd_beta,
-                                             self.loss_cfg.chunk_size)
-                    loss = div_M.sum() / num_tokens
-                    divergence_sum += float(div_M.detach().sum())
-                elif self.needs_top_k:
-                    div_M = token_topk_forward_kl(self.head.logits, hidden_M_H, scores.topk_ids[rows, 1:][selected],
-                                                  scores.topk_logprobs[rows, 1:][selected], self.loss_cfg.chunk_size)
-                    loss = div_M.sum() / num_tokens
-                    divergence_sum += float(div_M.detach().sum())
-                else:
-                    logprobs_M = token_logprobs(self.head.logits, hidden_M_H, micro.tokens[:, 1:][selected],
-                                                self.loss_cfg.chunk_size)
-                    behaviour_M = micro.behaviour_logprobs[:, 1:][selected]
-                    advantages_M = advantages[rows, 1:][selected]
-                    loss = policy_gradient_loss(logprobs_M, behaviour_M, advantages_M, torch.ones_like(logprobs_M),
-                                                num_tokens, self.loss_cfg.clip_eps)
-                    ratio = torch.exp(logprobs_M.detach() - behaviour_M)
-                    ratio_sum += float(ratio.sum())
-                    if self.loss_cfg.clip_eps is not None:
-                        clipped += float(((ratio - 1).abs() > self.loss_cfg.clip_eps).sum())
-                loss.backward()
-                total_loss += float(loss.detach())
+            distributed.reduce_gradients_in_this_backward(self, last=i == len(micro_batches) - 1)
+            _, hidden_M_H = self.head.completion_states(micro)
+            selected = micro.predicts_completion
+            if self.objective == "cross_entropy":
+                logprobs_M = token_logprobs(self.head.logits, hidden_M_H, micro.tokens[:, 1:][selected],
+                                            self.loss_cfg.chunk_size)
+                loss = completion_cross_entropy(logprobs_M, num_tokens)
+            elif self.exact:
+                div_M = token_divergence(self.loss_cfg.kind, self.head.logits, hidden_M_H, scores.logits,
+                                         scores.hidden[rows, :-1][selected], self.loss_cfg.jsd_beta,
+                                         self.loss_cfg.chunk_size)
+                loss = div_M.sum() / num_tokens
+                divergence_sum += float(div_M.detach().sum())
+            elif self.needs_top_k:
+                div_M = token_topk_forward_kl(self.head.logits, hidden_M_H, scores.topk_ids[rows, 1:][selected],
+                                              scores.topk_logprobs[rows, 1:][selected], self.loss_cfg.chunk_size)
+                loss = div_M.sum() / num_tokens
+                divergence_sum += float(div_M.detach().sum())
+            else:
+                logprobs_M = token_logprobs(self.head.logits, hidden_M_H, micro.tokens[:, 1:][selected],
+                                            self.loss_cfg.chunk_size)
+                behaviour_M = micro.behaviour_logprobs[:, 1:][selected]
+                advantages_M = advantages[rows, 1:][selected]
+                loss = policy_gradient_loss(logprobs_M, behaviour_M, advantages_M, torch.ones_like(logprobs_M),
+                                            num_tokens, self.loss_cfg.clip_eps)
+                ratio = torch.exp(logprobs_M.detach() - behaviour_M)
+                ratio_sum += float(ratio.sum())
+                if self.loss_cfg.clip_eps is not None:
+                    clipped += float(((ratio - 1).abs() > self.loss_cfg.clip_eps).sum())
+            loss.backward()
+            total_loss += float(loss.detach())
 
         if distributed.active():  # each rank summed its share; the metrics are of the whole batch
             sums = distributed.sum_tensor(torch.tensor([total_loss, ratio_sum, clipped, divergence_sum],
