@@ -66,6 +66,11 @@ bench-sampler: $(VLLM_STAMP) $(SMOLLM2)
 bench-remote-teacher: $(STAMP) $(VLLM_STAMP) $(SMOLLM2)
 	$(BIN)/python benchmarks/remote_teacher.py
 
+# Step time and peak memory per rank, 1 vs 2 processes under torchrun, DDP vs FSDP2 (tiny models, CPU/gloo).
+.PHONY: bench-distributed
+bench-distributed: $(STAMP)
+	$(BIN)/python benchmarks/distributed.py
+
 # Random kill -9 / Ctrl-C / disk full during real runs of every method, then --resume; checks
 # that nothing is lost (not in CI: 5-10 minutes on 2 cores). Results: runs/chaos/summary.json.
 chaos: $(STAMP)

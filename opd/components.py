@@ -15,6 +15,7 @@ from rich.console import Console
 
 from opd.config import ConfigError, ModelConfig, RunConfig
 from opd.data.sources import RunData, load_data
+from opd.learner import distributed
 from opd.learner.learner import Learner, objective_of
 from opd.models import load_model, load_tokenizer, pick_device
 from opd.roles import Sampler, Teacher, check_output_sizes
@@ -98,11 +99,18 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
     if console is not None and data.skipped:
         console.print(f"[yellow]skipped {data.skipped} prompts or examples that do not fit data.max_prompt_tokens="
                       f"{cfg.data.max_prompt_tokens} / data.max_seq_tokens={cfg.data.max_seq_tokens}[/yellow]")
+    # Under torchrun the learner's forward becomes data-parallel (DDP or FSDP2; no-op on one process).
+    distributed.wrap(learner, cfg.train.strategy)
     try:
+        if distributed.is_sharded(learner) and (cfg.sampling.backend == "vllm" or cfg.train.max_staleness):
+            raise ConfigError("train.strategy=fsdp2 shards the student over the processes; sampling.backend=vllm and "
+                              "train.max_staleness=1 need its whole weights on every rank: use train.strategy=ddp")
         sampler = build_sampler(cfg, learner, tokenizer, student, Path(cfg.run_dir))
     except BaseException:
         if teacher is not None:
             teacher.close()
         raise
+    if distributed.is_sharded(learner):  # FSDP2: the sampler gathers the sharded weights it reads
+        sampler = distributed.GatheringSampler(sampler, learner)
     teacher_sampler = HFSampler(teacher.model, tokenizer, cfg.sampling) if isinstance(teacher, HFTeacher) else None
     return Components(learner, sampler, teacher, tokenizer, data, teacher_sampler)

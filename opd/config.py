@@ -214,6 +214,9 @@ class TrainConfig(Section):
     # the weights before this step's update) while this step trains; its importance ratio uses the
     # log-probs of the policy that sampled it.
     max_staleness: int = Field(0, ge=0, le=1)
+    # Under torchrun (several processes): ddp replicates the student on every rank; fsdp2 shards its
+    # weights, gradients and optimizer state over the ranks (torch.distributed.fsdp.fully_shard).
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
 
 
 class RLConfig(Section):

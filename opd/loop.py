@@ -42,11 +42,12 @@ from opd.config import ConfigError, RunConfig
 from opd.data import PromptSchedule
 from opd.evaluation import evaluate_prompts, grade_rollouts, reward_metrics, rewards_of, rollout_metrics, teacher_ceiling
 from opd.flops import sampling_flops, scoring_flops, training_flops
-from opd.learner.checkpoint import (NonFiniteWeightsError, latest_checkpoint, load_trainer_state, rng_state,
-                                    save_checkpoint, set_rng_state)
+from opd.learner import distributed
+from opd.learner.checkpoint import NonFiniteWeightsError, latest_checkpoint, load_trainer_state, rng_state, set_rng_state
+from opd.models import pick_device
 from opd.roles import TeacherScores
 from opd.rollouts import Rollouts, sequence_batch
-from opd.run_dir import RunLock, RunLog
+from opd.run_dir import QuietLog, RunLock, RunLog
 from opd.teacher.errors import TeacherUnavailableError
 
 
@@ -183,7 +184,7 @@ def seed_everything(seed: int) -> None:
 
 # Settings a checkpoint cannot continue under: the weights it holds are of this student, trained by
 # this method. Everything else may change on --resume and takes effect from the resumed step.
-FIXED_ON_RESUME = ("method", "student.")
+FIXED_ON_RESUME = ("method", "student.", "train.strategy")
 
 
 def check_resumable(old: dict, new: dict, console: Console) -> None:
@@ -213,7 +214,8 @@ class StudentBatches:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="opd-sample") if cfg.train.max_staleness else None
 
     def _sample(self, step: int, seed: int | None = None) -> Rollouts:
-        prompts = [self.components.data.train_prompts[i] for i in self.schedule.indices(step - 1)]
+        # this rank's share of the step's prompts (all of them on one process)
+        prompts = distributed.share([self.components.data.train_prompts[i] for i in self.schedule.indices(step - 1)])
         return self.components.sampler.sample([p.ids for p in prompts], prompts=prompts, seed=seed)
 
     def take(self, step: int) -> tuple[Rollouts, int]:
@@ -282,7 +284,10 @@ TOTALS = ("tokens_sampled_total", "tokens_scored_total", "tokens_trained_total",
 def run_step(cfg: RunConfig, components: Components, step: int, batches: StudentBatches | None,
              totals: dict, score_with_teacher: bool) -> tuple[dict, Rollouts, TeacherScores | None, list]:
     """One optimizer step of any method: batch -> scores -> advantages -> update. Returns its
-    metrics (totals are updated in place), the batch, the teacher's scores and the grades."""
+    metrics (totals are updated in place), the batch, the teacher's scores and the grades.
+
+    On several processes (torchrun) each rank takes its share of the step's global batch; the
+    metrics and totals are of the whole batch, the batch and scores returned are this rank's."""
     learner, sampler, teacher, tokenizer = components.learner, components.sampler, components.teacher, components.tokenizer
     flops = {"flops_sample": 0, "flops_score": 0, "flops_train": 0, "flops_teacher": 0, "flops_data": 0}
     # 1. the batch: the student's own samples (on-policy), or fixed sequences
@@ -294,9 +299,10 @@ def run_step(cfg: RunConfig, components: Components, step: int, batches: Student
         if cfg.sampling.recompute_logprobs:
             sampled.update(recompute_behaviour(cfg, learner, batch))
         flops["flops_sample"] = sampling_flops(learner.cost, batch)
-        totals["tokens_sampled_total"] += int(batch.completion_mask.sum())
     else:
-        sequences, targets_from, flops["flops_data"] = components.data.batches.batch(step - 1)
+        sequences, targets_from, data_flops = components.data.batches.batch(step - 1)
+        sequences, targets_from = distributed.share(sequences), distributed.share(targets_from)
+        flops["flops_data"] = data_flops / distributed.world_size()  # summed over ranks below
         batch = sequence_batch(sequences, targets_from, tokenizer.pad_token_id, learner.device)
 
     # 2. scores: the teacher's log-prob of every sampled token, the grader's reward
@@ -305,7 +311,6 @@ def run_step(cfg: RunConfig, components: Components, step: int, batches: Student
     if scores is not None:
         if teacher.cost is not None:  # a served teacher whose config we do not have is not counted
             flops["flops_teacher"] = scoring_flops(teacher.cost, batch)
-        totals["tokens_scored_total"] += int(batch.completion_mask.sum())
     grades = grade_rollouts(batch, tokenizer, cfg.data.grader) if cfg.on_policy else []
     rewards = rewards_of(grades).to(learner.device) if cfg.method == "rl" else None
 
@@ -329,15 +334,21 @@ def run_step(cfg: RunConfig, components: Components, step: int, batches: Student
     metrics.update(sampled)  # the engine's log-prob mismatch, when recomputed, replaces the learner's view
     metrics.update(teacher.take_metrics() if teacher is not None else {})
     metrics.update(flops, sample_s=t1 - t0, score_s=t2 - t1, train_s=t3 - t2)
+    metrics = distributed.combine_metrics(metrics)  # of the global batch (one process: unchanged)
+    flops = {key: metrics[key] for key in flops}
+    if cfg.on_policy:
+        totals["tokens_sampled_total"] += metrics["tokens"]
+    if scores is not None:
+        totals["tokens_scored_total"] += metrics["tokens"]
     totals["tokens_trained_total"] += metrics["tokens"]
     totals["flops_student_total"] += flops["flops_sample"] + flops["flops_train"]
     totals["flops_teacher_total"] += flops["flops_teacher"]
     totals["flops_total"] = totals["flops_student_total"] + totals["flops_teacher_total"]
     totals["flops_data_total"] += flops["flops_data"]
     totals["flops_total_with_data"] = totals["flops_total"] + totals["flops_data_total"]
-    for phase, seconds in (("sample", t1 - t0), ("score", t2 - t1), ("train", t3 - t2)):
-        totals[f"{phase}_s_total"] += seconds
-    totals["wall_s_total"] += t3 - t0
+    for phase in ("sample", "score", "train"):  # summed over ranks, like FLOPs
+        totals[f"{phase}_s_total"] += metrics[f"{phase}_s"]
+    totals["wall_s_total"] += distributed.slowest(t3 - t0)  # the wall time: the slowest rank's
     totals["nonfinite_steps"] += train_metrics["skipped"]
     totals["grad_clipped_steps"] += train_metrics["grad_clipped"]
     return metrics, batch, scores, grades
@@ -352,7 +363,12 @@ def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
     """
     console = console or Console()
     run_dir = Path(cfg.run_dir)
-    with RunLock(run_dir):  # a second process on this run_dir is refused, naming this one
+    # Under torchrun: join the other processes; rank 0 alone holds the run directory and prints.
+    distributed.init(pick_device(cfg.train.device))
+    if not distributed.is_main():
+        console = Console(quiet=True)
+    lock = RunLock(run_dir) if distributed.is_main() else nullcontext()
+    with lock:  # a second process on this run_dir is refused, naming this one
         checkpoint = latest_checkpoint(run_dir) if resume else None
         if resume and checkpoint is None:
             console.print(f"[yellow]--resume: no checkpoint in {run_dir / 'checkpoints'} yet; starting the run "
@@ -362,11 +378,14 @@ def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
             check_resumable(state["config"], cfg.model_dump(mode="json"), console)
         seed_everything(cfg.train.seed)
         components = build(cfg, console)
+        if distributed.active():  # every rank built the same weights; each samples its own stream
+            seed_everything(cfg.train.seed + 1000 * distributed.rank())
         try:
             return _train(cfg, components, checkpoint, state, restart=resume and checkpoint is None,
                           console=console, stop_after=stop_after)
         finally:
             components.close()
+            distributed.shutdown()
 
 
 def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, state: dict | None, restart: bool,
@@ -375,13 +394,15 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
     run_dir = Path(cfg.run_dir)
     start_step, totals = 0, dict.fromkeys(TOTALS, 0)
     if checkpoint is not None:
+        rng = distributed.rng_of(state)  # this rank's; a checkpoint of another number of processes is refused
         learner.load_weights(checkpoint / "model")
         learner.load_state_dict(state["learner"])
-        set_rng_state(state["rng"])
+        set_rng_state(rng)
         start_step, totals = state["step"], {**totals, **state["totals"]}
         console.print(f"resuming from {checkpoint} (step {start_step})")
     components.sampler.sync_weights()  # an engine (vLLM) samples from the learner's weights from the start
-    log = RunLog(cfg, resume_step=start_step if checkpoint is not None else None, restart=restart)
+    log_class = RunLog if distributed.is_main() else QuietLog  # rank 0 writes the run directory
+    log = log_class(cfg, resume_step=start_step if checkpoint is not None else None, restart=restart)
 
     def progress_state() -> dict:
         """What, besides the weights, decides the rest of the run: RNG, totals, a batch sampled ahead."""
@@ -393,7 +414,8 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
         state = {"step": step, "learner": learner.state_dict(), **(progress_of_step or progress_state()),
                  "config": cfg.model_dump(mode="json")}
         try:
-            return save_checkpoint(run_dir, step, learner, tokenizer, state, cfg.checkpoint.keep_last)
+            # every rank takes part (FSDP2 gathers the weights); rank 0 writes
+            return distributed.save_checkpoint(run_dir, step, learner, tokenizer, state, cfg.checkpoint.keep_last)
         except NonFiniteWeightsError as err:
             console.print(f"[red]{escape(str(err))}[/red]")
             return None
@@ -430,7 +452,7 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
 
     progress = Progress(TextColumn(f"[bold]{cfg.method}[/bold]"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
-                        disable=not cfg.log.progress)
+                        disable=not cfg.log.progress or not distributed.is_main())
     with StopRequest(console).installed() as stop, progress, closing(batches) if batches else nullcontext():
         task = progress.add_task(cfg.method, total=cfg.train.steps, completed=start_step, status="")
         for step in range(start_step + 1, cfg.train.steps + 1):
@@ -440,7 +462,9 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
             try:
                 metrics, batch, scores, grades = run_step(cfg, components, step, batches, totals, score_with_teacher)
             except TeacherUnavailableError as err:
-                saved = save(step - 1, before)
+                # Several processes: only this rank may have failed, so no save can be agreed on; the
+                # last checkpoint stays (torchrun ends the other ranks when this one exits).
+                saved = save(step - 1, before) if not distributed.active() else latest_checkpoint(run_dir)
                 raise TeacherUnavailableError(f"{err}\nstep {step} could not be scored; saved checkpoint {saved} "
                                               f"(step {step - 1}): restart the server, then run again with "
                                               f"--resume") from None
@@ -464,7 +488,7 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
             progress.update(task, completed=step, status=status_line(metrics))
 
             if eval_error is not None:
-                saved = save(step)
+                saved = save(step) if not distributed.active() else latest_checkpoint(run_dir)
                 raise TeacherUnavailableError(f"{eval_error}\nthe evaluation after step {step} failed; saved "
                                               f"checkpoint {saved}: restart the server, then run again with --resume")
             if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
@@ -472,7 +496,8 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
                     f"step {step}: the loss or gradient was not finite for {nonfinite_in_a_row} steps in a row "
                     f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); those updates were skipped. The "
                     f"last good checkpoint is {latest_checkpoint(run_dir)}: lower optim.lr and run again with --resume")
-            stopping = stop.requested or (stop_after is not None and step - start_step >= stop_after)
+            # Ctrl-C on any rank stops every rank after this step
+            stopping = distributed.any_rank(stop.requested) or (stop_after is not None and step - start_step >= stop_after)
             wanted = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping or step == cfg.train.steps
             if wanted and not metrics["skipped"]:
                 save(step)

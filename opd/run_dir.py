@@ -240,3 +240,25 @@ class RunLog:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class QuietLog(RunLog):
+    """What a rank other than 0 has instead of a RunLog when several processes train one run
+    (torchrun): it reads the run directory (earlier evaluations, for a resumed run's summary) but
+    writes nothing; rank 0's RunLog writes it."""
+
+    def __init__(self, cfg: RunConfig, resume_step: int | None, restart: bool = False):
+        self.path = Path(cfg.run_dir)
+        self.metrics_path = self.path / "metrics.jsonl"
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def write_rollouts(self, step: int, records: list[dict]) -> None:
+        return None
+
+    def write_summary(self, summary: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

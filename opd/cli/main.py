@@ -130,7 +130,8 @@ def _register(method: str) -> None:
         except ConfigError as err:
             raise _fail(err)
         summary = _run(cfg, resume)
-        _print_summary(summary)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone prints the summary
+            _print_summary(summary)
         if summary.get("interrupted"):
             raise _interrupted(f"interrupted after step {summary['steps_done']} of {summary['steps_planned']} "
                                f"(checkpoint saved): the same command with --resume continues the run")

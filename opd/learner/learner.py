@@ -18,6 +18,7 @@ import torch
 
 from opd.config import LossConfig, OptimConfig
 from opd.flops import ModelCost
+from opd.learner import distributed
 from opd.learner.checkpoint import load_weights, nonfinite_tensors
 from opd.losses.chunked import token_divergence, token_logprobs, token_logprobs_and_entropy
 from opd.losses.cross_entropy import completion_cross_entropy
@@ -67,8 +68,19 @@ class Learner:
         self.loss_cfg = loss
         self.micro_batch_size = micro_batch_size
         self.total_steps = total_steps
-        self.params = [p for p in model.parameters() if p.requires_grad]
         self.optim_cfg = optim
+        self.rebuild_optimizer()
+        # Several processes (opd.learner.distributed.wrap): the DDP or FSDP2 module that runs the
+        # decoder, the strategy, and (FSDP2, while a checkpoint is written) the gathered weights.
+        self.wrapped = None
+        self.strategy: str | None = None
+        self.full_state: dict | None = None
+
+    def rebuild_optimizer(self) -> None:
+        """A fresh optimizer and schedule over the trainable parameters (again after FSDP2 has
+        replaced them with their shards)."""
+        optim = self.optim_cfg
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, betas=optim.betas,
                                            weight_decay=optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_multiplier)
@@ -108,10 +120,14 @@ class Learner:
             raise ValueError("loss.kind=topk_forward_kl needs the teacher's top-k log-probs (teacher.top_k > 0)")
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        num_tokens = rollouts.completion_mask.sum().clamp(min=1)
+        # The completion tokens of the whole optimizer batch: all micro-batches, and all ranks when
+        # several processes train (each holds its share of the batch; gradients are summed over them).
+        num_tokens = distributed.sum_tensor(rollouts.completion_mask.sum()).clamp(min=1)
         total_loss = 0.0
         ratio_sum = clipped = divergence_sum = mismatch_sum = 0.0
-        for rows, micro in rollouts.micro_batches(self.micro_batch_size):
+        micro_batches = list(rollouts.micro_batches(self.micro_batch_size))
+        for i, (rows, micro) in enumerate(micro_batches):
+            distributed.reduce_gradients_in_this_backward(self, last=i == len(micro_batches) - 1)
             _, hidden_M_H = self.head.completion_states(micro)
             selected = micro.predicts_completion
             if self.objective == "cross_entropy":
@@ -147,8 +163,13 @@ class Learner:
             loss.backward()
             total_loss += float(loss.detach())
 
+        if distributed.active():  # each rank summed its share; the metrics are of the whole batch
+            sums = distributed.sum_tensor(torch.tensor([total_loss, ratio_sum, clipped, divergence_sum, mismatch_sum],
+                                                       dtype=torch.float64))
+            total_loss, ratio_sum, clipped, divergence_sum, mismatch_sum = sums.tolist()
+
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         lr = self.optimizer.param_groups[0]["lr"]
         finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
         if finite:
@@ -261,25 +282,40 @@ class Learner:
 
     def nonfinite_tensors(self) -> list[str]:
         """Names of the parameters holding a NaN or inf (a checkpoint is never written from them)."""
+        if self.full_state is not None:  # FSDP2: the weights gathered for the checkpoint
+            return [name for name, t in self.full_state.items()
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         return nonfinite_tensors(self.model)
 
     # --- weights and state, for checkpoints and exact resume ------------------------------------
     def save(self, directory: Path, tokenizer) -> None:
         """A Hugging Face directory (full weights, or the LoRA adapter) with the tokenizer."""
-        self.model.save_pretrained(directory)
+        if self.full_state is not None:  # FSDP2: the weights gathered on rank 0
+            self.model.save_pretrained(directory, state_dict=self.full_state)
+        else:
+            self.model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
 
     def load_weights(self, directory: Path) -> None:
-        load_weights(self.model, directory)
+        if distributed.is_sharded(self):
+            distributed.load_sharded_weights(self, directory)
+        else:
+            load_weights(self.model, directory)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """Optimizer and schedule state. FSDP2: gathered from every rank (all ranks must call it)."""
+        optimizer = distributed.full_optimizer_state(self) if distributed.is_sharded(self) \
+            else self.optimizer.state_dict()
+        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the optimizer's moments and the schedule's position; the hyper-parameters are
         this learner's (the config in effect), so `--resume optim.lr=X` trains on at X from the
         resumed step instead of silently keeping the checkpoint's rate."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        if distributed.is_sharded(self):
+            distributed.load_full_optimizer_state(self, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.last_epoch = state["scheduler"]["last_epoch"]
         self.scheduler.base_lrs = [self.optim_cfg.lr] * len(self.optimizer.param_groups)
         for group in self.optimizer.param_groups:

@@ -1,0 +1,124 @@
+"""What tests/test_distributed.py runs under torchrun (or in its own process, as one rank).
+
+    python -m torch.distributed.run --nproc-per-node 2 tests/distributed_worker.py grads OUT.pt
+    python -m torch.distributed.run --nproc-per-node 2 tests/distributed_worker.py train RUN_DIR [--resume]
+        [--stop-after K] [--rank R --at-step K --then sigint|die] key=value ...
+
+`grads`: one optimizer step of each loss (sampled reverse KL, exact reverse KL, SFT cross-entropy)
+with each strategy (ddp, fsdp2) on a fixed global batch of 8 rows, each rank holding its share;
+the gradients (gathered whole) are written by rank 0. `train`: a tiny run (tests/helpers.TINY_RUN);
+`--then sigint` sends Ctrl-C to rank R when step K begins, `--then die` ends rank R there (exit 3).
+"""
+
+import argparse
+import os
+import signal
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from helpers import TINY_RUN, tiny  # noqa: E402
+from opd.config import LossConfig, OptimConfig, SamplingConfig, load_config  # noqa: E402
+from opd.learner import distributed  # noqa: E402
+from opd.learner.learner import Learner  # noqa: E402
+from opd.rollouts import sequence_batch  # noqa: E402
+from opd.sampler.hf import HFSampler  # noqa: E402
+from opd.teacher.hf import HFTeacher  # noqa: E402
+
+ROWS = 8  # the global batch
+
+
+def fixed_batches(device):
+    """The same global batches on every rank: student samples (seeded), teacher scores, and SFT
+    sequences of different lengths."""
+    student, tokenizer = tiny(hidden=32, seed=1)
+    teacher_model, _ = tiny(hidden=32, seed=2)
+    teacher = HFTeacher(teacher_model.to(device), tokenizer)
+    prompts = [tokenizer(f"question {i}: what is {i} + {i}?").input_ids for i in range(ROWS // 2)]
+    torch.manual_seed(0)
+    rollouts = HFSampler(student.to(device), tokenizer,
+                         SamplingConfig(samples_per_prompt=2, max_new_tokens=12)).sample(prompts)
+    sequences = [tokenizer(f"sentence number {i} " + "and more words " * i).input_ids for i in range(ROWS)]
+    sft = sequence_batch(sequences, [3] * ROWS, tokenizer.pad_token_id, device)
+    return tokenizer, rollouts, teacher, sft
+
+
+def one_step_gradients(objective: str, strategy: str, device=torch.device("cpu")) -> dict:
+    """The gradient of one step of `objective` on this rank's share of the fixed global batch,
+    gathered whole (names -> tensors, on the CPU)."""
+    tokenizer, rollouts, teacher, sft = fixed_batches(device)
+    model, _ = tiny(hidden=32, seed=1)
+    model.to(device)
+    kind = "reverse_kl" if objective == "divergence" else "sampled_reverse_kl"
+    learner = Learner(model, OptimConfig(grad_clip=None, warmup_steps=0), LossConfig(kind=kind), total_steps=1,
+                      micro_batch_size=2, objective=objective)
+    distributed.wrap(learner, strategy)
+    rows = distributed.share(list(range(ROWS)))
+    mine = slice(rows[0], rows[-1] + 1)
+    batch = (sft if objective == "cross_entropy" else rollouts).rows(mine)
+    advantages = scores = None
+    if objective == "policy_gradient":
+        teacher_logprobs = teacher.score(rollouts).logprobs  # the whole batch, as one process would
+        advantages = -(rollouts.behaviour_logprobs - teacher_logprobs)[mine] * rollouts.completion_mask[mine]
+    elif objective == "divergence":
+        scores = teacher.score(batch, keep_hidden=True)
+
+    captured = {}
+
+    def record_then_step(*args, **kwargs):  # the gradients as the optimizer sees them
+        for name, p in learner.model.named_parameters():
+            if p.grad is not None:
+                grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                captured[name] = grad.detach().cpu().clone()
+        return original_step(*args, **kwargs)
+
+    original_step = learner.optimizer.step
+    learner.optimizer.step = record_then_step
+    metrics = learner.train_step(batch, advantages, scores)
+    captured["__loss__"] = torch.tensor(metrics["loss"])
+    return captured
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["grads", "train"])
+    parser.add_argument("path")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--stop-after", type=int)
+    parser.add_argument("--strategies", default="ddp,fsdp2")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rank", type=int)
+    parser.add_argument("--at-step", type=int)
+    parser.add_argument("--then", choices=["sigint", "die"])
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args()
+    if args.command == "grads":
+        device = distributed.init(torch.device(args.device))
+        results = {f"{objective}/{strategy}": one_step_gradients(objective, strategy, device)
+                   for strategy in args.strategies.split(",")
+                   for objective in ("policy_gradient", "divergence", "cross_entropy")}
+        if distributed.is_main():
+            torch.save(results, args.path)
+        distributed.shutdown()
+        return
+    import opd.loop
+
+    if args.then:
+        run_step = opd.loop.run_step
+
+        def interrupted_step(cfg, components, step, *rest):
+            if step == args.at_step and distributed.rank() == args.rank:
+                if args.then == "die":
+                    os._exit(3)
+                os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, to this rank only
+            return run_step(cfg, components, step, *rest)
+
+        opd.loop.run_step = interrupted_step
+    cfg = load_config(None, [f"run_dir={args.path}", *TINY_RUN, *args.overrides])
+    opd.loop.train(cfg, resume=args.resume, stop_after=args.stop_after)
+
+
+if __name__ == "__main__":
+    main()
