@@ -323,6 +323,27 @@ class RunConfig(Section):
 # Loading: YAML + overrides
 
 
+def split_prefixed_overrides(overrides: list[str], names: list[str], what: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(overrides for every run, overrides per named run): `distill:optim.lr=3e-3` is the run named
+    distill's. A prefix that names no run (`what`: e.g. "method of the demo") is refused rather
+    than silently dropped."""
+    shared: list[str] = []
+    per_name: dict[str, list[str]] = {name: [] for name in names}
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if ":" not in key:
+            shared.append(override)
+            continue
+        prefix, rest = override.split(":", 1)
+        if prefix not in per_name:
+            close = difflib.get_close_matches(prefix, list(names), n=1)
+            hint = f" (did you mean '{close[0]}:'?)" if close else ""
+            raise ConfigError(f"{override}: '{prefix}:' names no {what}{hint}; the prefixes are "
+                              f"{', '.join(n + ':' for n in names)}, or none for all of them")
+        per_name[prefix].append(rest)
+    return shared, per_name
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`optim.lr=3e-4` -> (["optim", "lr"], 0.0003). Values are parsed as YAML scalars/lists."""
     if "=" not in text:

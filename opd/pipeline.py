@@ -33,7 +33,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from opd.config import METHODS, ConfigError, RunConfig, _deep_merge, load_config
+from opd.config import METHODS, ConfigError, RunConfig, _deep_merge, load_config, split_prefixed_overrides
 
 PHASE_METHODS = (*METHODS, "eval")
 STATE = "pipeline.json"
@@ -58,17 +58,7 @@ def read_pipeline(path: Path) -> dict:
 
 def split_overrides(overrides: list[str], phases: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     """(overrides for every phase, per phase): `midtrain:train.steps=10` is the midtrain phase's."""
-    shared, per_phase = [], {name: [] for name in phases}
-    for override in overrides:
-        key = override.split("=", 1)[0]
-        if ":" not in key:
-            shared.append(override)
-            continue
-        prefix, rest = override.split(":", 1)
-        if prefix not in per_phase:
-            raise ConfigError(f"{override}: '{prefix}:' names no phase of this pipeline ({', '.join(phases)})")
-        per_phase[prefix].append(rest)
-    return shared, per_phase
+    return split_prefixed_overrides(list(overrides), phases, "phase of this pipeline")
 
 
 def _model_reference(spec) -> str | None:

@@ -21,7 +21,6 @@ the gradient is zero).
 
 from __future__ import annotations
 
-import difflib
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from opd.compare import print_comparison  # noqa: F401  (the demo's tables, also `opd compare`'s)
-from opd.config import ConfigError, RunConfig, load_config
+from opd.config import ConfigError, RunConfig, load_config, split_prefixed_overrides
 
 # Written into the demo's folder first thing: `--overwrite` deletes only a folder that holds it (or
 # an older demo's comparison.json), so opd never deletes a folder it did not create.
@@ -134,23 +133,8 @@ def method_config(name: str, student_dir: Path, teacher_dir: Path | None, overri
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """(overrides for every method, overrides per method): `distill:optim.lr=3e-3` is distill's. A
-    prefix that names no method of the demo is refused rather than silently dropped."""
-    shared: list[str] = []
-    per_method: dict[str, list[str]] = {name: [] for name in METHODS}
-    for override in overrides:
-        key = override.split("=", 1)[0]
-        if ":" not in key:
-            shared.append(override)
-            continue
-        prefix, rest = override.split(":", 1)
-        if prefix not in METHODS:
-            close = difflib.get_close_matches(prefix, list(METHODS), n=1)
-            hint = f" (did you mean '{close[0]}:'?)" if close else ""
-            raise ConfigError(f"{override}: '{prefix}:' names no method of the demo{hint}; the prefixes are "
-                              f"{', '.join(m + ':' for m in METHODS)}, or none for every method")
-        per_method[prefix].append(rest)
-    return shared, per_method
+    """(overrides for every method, overrides per method): `distill:optim.lr=3e-3` is distill's."""
+    return split_prefixed_overrides(overrides, list(METHODS), "method of the demo")
 
 
 def demo_configs(student_dir: Path, teacher_dir: Path | None, quick: bool = False,
