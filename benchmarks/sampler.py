@@ -354,7 +354,11 @@ def main() -> None:
                                                min(args.smollm2_prompts, 16), args.smollm2_samples,
                                                args.smollm2_new_tokens))
         if "steps" in only:
-            steps = bench_steps(args, tmp)
+            try:
+                steps = bench_steps(args, tmp)
+            except Exception as err:  # still write the sampling results measured so far
+                notes.append(f"step-time part failed: {type(err).__name__}: {err}")
+                print(notes[-1], flush=True)
 
     load_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     wall = time.monotonic() - started

