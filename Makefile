@@ -67,6 +67,20 @@ bench-remote-teacher: $(STAMP) $(VLLM_STAMP) $(SMOLLM2)
 	$(BIN)/python benchmarks/remote_teacher.py
 
 # Step time and peak memory per rank, 1 vs 2 processes under torchrun, DDP vs FSDP2 (tiny models, CPU/gloo).
+# opd vs TRL's DistillationTrainer (tokens/s, s/step, peak RSS, teacher KL; tiny, small and SmolLM2
+# pairs; opd's levers alone and combined); TRL in its own environment with torch pinned; writes
+# benchmarks/RESULTS.md. Takes about an hour on this 2-core machine.
+TRL_VENV := .venv-trl
+TRL_STAMP := $(TRL_VENV)/.installed-trl
+$(TRL_STAMP):
+	$(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/pip install --quiet "$(TORCH)" trl==1.16.0 peft
+	touch $(TRL_STAMP)
+
+.PHONY: bench-trl
+bench-trl: $(SMOLLM2) $(VLLM_STAMP) $(TRL_STAMP)
+	$(BIN)/python benchmarks/vs_trl.py
+
 .PHONY: bench-distributed
 bench-distributed: $(STAMP)
 	$(BIN)/python benchmarks/distributed.py
@@ -77,4 +91,4 @@ chaos: $(STAMP)
 	$(BIN)/python scripts/chaos.py --trials 12
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) $(TRL_VENV) runs

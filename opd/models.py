@@ -352,6 +352,10 @@ class LogitsHead:
         hidden = self.hidden(rollouts.tokens, rollouts.attention_mask)
         return hidden, hidden[:, :-1][rollouts.predicts_completion]
 
+    def trainable_parameters(self) -> list[torch.Tensor]:
+        """The head's parameters that are trained (none under LoRA: the head stays frozen)."""
+        return [p for p in self.head.parameters() if p.requires_grad]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden)
         if self.logit_scale is not None:

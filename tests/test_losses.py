@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from opd.advantages import discounted_future_sum, group_centred_rewards
-from opd.losses.chunked import token_divergence, token_logprobs
+from opd.losses.chunked import divergence_sum, token_divergence, token_logprobs
 from opd.losses.divergences import divergence, forward_kl, generalized_jsd, reverse_kl
 
 
@@ -93,6 +93,53 @@ def test_chunked_divergence_matches_full(kind):
     for a, b in zip(g_full, g_chunk):
         torch.testing.assert_close(a, b)
     assert teacher_head.weight.grad is None  # the teacher is never trained
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "jsd"])
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+def test_divergence_sum_gradients_match_full(kind, chunk):
+    """The fused loss (gradients taken chunk by chunk in the forward pass) gives the naive full-batch
+    loss and its gradients, for the hidden states and for the head's weight and bias."""
+    torch.manual_seed(1)
+    student_head, teacher_head = torch.nn.Linear(5, 11), torch.nn.Linear(5, 11)
+    hidden = torch.randn(9, 5, requires_grad=True)
+    teacher_hidden = torch.randn(9, 5)
+    full = divergence(kind, student_head(hidden), teacher_head(teacher_hidden), 0.3)
+    params = list(student_head.parameters())
+    total, values = divergence_sum(kind, student_head, hidden, teacher_head, teacher_hidden, params, 0.3, chunk)
+    torch.testing.assert_close(values, full.detach())
+    torch.testing.assert_close(total, full.sum())
+    assert not values.requires_grad
+    g_full = torch.autograd.grad(full.sum() * 0.37, [hidden, *params])
+    g_fused = torch.autograd.grad(total * 0.37, [hidden, *params])  # the incoming gradient scales them
+    for a, b in zip(g_full, g_fused):
+        torch.testing.assert_close(a, b)
+    assert teacher_head.weight.grad is None  # the teacher is never trained
+
+
+def test_divergence_sum_frozen_head_and_tied_weights():
+    """A frozen head (LoRA) gets no gradient; a head tied to the embedding sums both paths."""
+    torch.manual_seed(2)
+    embedding = torch.nn.Embedding(11, 5)
+    head = torch.nn.Linear(5, 11, bias=False)
+    head.weight = embedding.weight  # tied, as in SmolLM2
+    teacher_head = torch.nn.Linear(5, 11)
+    ids, teacher_hidden = torch.randint(11, (7,)), torch.randn(7, 5)
+
+    def loss(fused):
+        hidden = torch.tanh(embedding(ids))
+        if fused:
+            return divergence_sum("reverse_kl", head, hidden, teacher_head, teacher_hidden, [head.weight],
+                                  chunk_size=3)[0]
+        return divergence("reverse_kl", head(hidden), teacher_head(teacher_hidden)).sum()
+
+    expected = torch.autograd.grad(loss(False), [embedding.weight])[0]
+    torch.testing.assert_close(torch.autograd.grad(loss(True), [embedding.weight])[0], expected)
+    head.weight.requires_grad_(False)
+    hidden = torch.randn(7, 5, requires_grad=True)
+    total, _ = divergence_sum("reverse_kl", head, hidden, teacher_head, teacher_hidden, [], chunk_size=3)
+    torch.testing.assert_close(torch.autograd.grad(total, [hidden])[0], torch.autograd.grad(
+        divergence("reverse_kl", head(hidden), teacher_head(teacher_hidden)).sum(), [hidden])[0])
 
 
 def test_discounted_future_sum_matches_loop():

@@ -20,7 +20,7 @@ from opd.config import LossConfig, OptimConfig
 from opd.flops import ModelCost
 from opd.learner import distributed
 from opd.learner.checkpoint import load_weights, nonfinite_tensors
-from opd.losses.chunked import token_divergence, token_logprobs, token_logprobs_and_entropy
+from opd.losses.chunked import divergence_sum, token_divergence, token_logprobs, token_logprobs_and_entropy
 from opd.losses.cross_entropy import completion_cross_entropy
 from opd.losses.policy_gradient import policy_gradient_loss
 from opd.losses.topk import token_topk_forward_kl
@@ -124,7 +124,7 @@ class Learner:
         # several processes train (each holds its share of the batch; gradients are summed over them).
         num_tokens = distributed.sum_tensor(rollouts.completion_mask.sum()).clamp(min=1)
         total_loss = 0.0
-        ratio_sum = clipped = divergence_sum = mismatch_sum = 0.0
+        ratio_sum = clipped = divergence_total = mismatch_sum = 0.0
         micro_batches = list(rollouts.micro_batches(self.micro_batch_size))
         for i, (rows, micro) in enumerate(micro_batches):
             distributed.reduce_gradients_in_this_backward(self, last=i == len(micro_batches) - 1)
@@ -135,16 +135,22 @@ class Learner:
                                             self.loss_cfg.chunk_size)
                 loss = completion_cross_entropy(logprobs_M, num_tokens)
             elif self.exact:
-                div_M = token_divergence(self.loss_cfg.kind, self.head.logits, hidden_M_H, scores.logits,
-                                         scores.hidden[rows, :-1][selected], self.loss_cfg.jsd_beta,
-                                         self.loss_cfg.chunk_size)
-                loss = div_M.sum() / num_tokens
-                divergence_sum += float(div_M.detach().sum())
+                teacher_hidden_M_H = scores.hidden[rows, :-1][selected]
+                if distributed.is_sharded(self):  # FSDP2 swaps the head's weights in per call: recompute instead
+                    div_M = token_divergence(self.loss_cfg.kind, self.head.logits, hidden_M_H, scores.logits,
+                                             teacher_hidden_M_H, self.loss_cfg.jsd_beta, self.loss_cfg.chunk_size)
+                    div_sum = div_M.sum()
+                else:
+                    div_sum, div_M = divergence_sum(self.loss_cfg.kind, self.head.logits, hidden_M_H, scores.logits,
+                                                    teacher_hidden_M_H, self.head.trainable_parameters(),
+                                                    self.loss_cfg.jsd_beta, self.loss_cfg.chunk_size)
+                loss = div_sum / num_tokens
+                divergence_total += float(div_M.detach().sum())
             elif self.needs_top_k:
                 div_M = token_topk_forward_kl(self.head.logits, hidden_M_H, scores.topk_ids[rows, 1:][selected],
                                               scores.topk_logprobs[rows, 1:][selected], self.loss_cfg.chunk_size)
                 loss = div_M.sum() / num_tokens
-                divergence_sum += float(div_M.detach().sum())
+                divergence_total += float(div_M.detach().sum())
             else:
                 logprobs_M = token_logprobs(self.head.logits, hidden_M_H, micro.tokens[:, 1:][selected],
                                             self.loss_cfg.chunk_size)
@@ -164,9 +170,9 @@ class Learner:
             total_loss += float(loss.detach())
 
         if distributed.active():  # each rank summed its share; the metrics are of the whole batch
-            sums = distributed.sum_tensor(torch.tensor([total_loss, ratio_sum, clipped, divergence_sum, mismatch_sum],
+            sums = distributed.sum_tensor(torch.tensor([total_loss, ratio_sum, clipped, divergence_total, mismatch_sum],
                                                        dtype=torch.float64))
-            total_loss, ratio_sum, clipped, divergence_sum, mismatch_sum = sums.tolist()
+            total_loss, ratio_sum, clipped, divergence_total, mismatch_sum = sums.tolist()
 
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip is not None else float("inf")
         grad_norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
@@ -186,9 +192,9 @@ class Learner:
         if self.objective == "cross_entropy":
             metrics["cross_entropy"] = total_loss
         elif self.exact:
-            metrics[f"exact_{self.loss_cfg.kind}"] = divergence_sum / n
+            metrics[f"exact_{self.loss_cfg.kind}"] = divergence_total / n
         elif self.needs_top_k:
-            metrics["topk_forward_kl"] = divergence_sum / n
+            metrics["topk_forward_kl"] = divergence_total / n
         else:
             metrics["ratio_mean"] = ratio_sum / n
             metrics["logprob_mismatch"] = mismatch_sum / n

@@ -60,16 +60,71 @@ def token_logprobs_and_entropy(logits_fn: Callable, hidden_M_H: torch.Tensor, ta
 def token_divergence(kind: str, student_logits_fn: Callable, student_hidden_M_H: torch.Tensor,
                      teacher_logits_fn: Callable, teacher_hidden_M_H: torch.Tensor,
                      jsd_beta: float = 0.5, chunk_size: int = 256) -> torch.Tensor:
-    """Exact divergence between student and teacher next-token distributions at each position (M)."""
+    """Exact divergence between student and teacher next-token distributions at each position (M).
+    With gradients, each chunk's logits are recomputed in the backward pass (activation
+    checkpointing); `divergence_sum` avoids that where the head's parameters are plain tensors."""
     teacher_hidden_M_H = teacher_hidden_M_H.detach()
 
     def chunk(hs, ht):
         with torch.no_grad():
             teacher_logits = teacher_logits_fn(ht)
         student_logits = student_logits_fn(hs)
-        if student_logits.shape[-1] != teacher_logits.shape[-1]:
-            raise ValueError(f"exact divergences need equal output sizes: student has {student_logits.shape[-1]} "
-                             f"logits, teacher {teacher_logits.shape[-1]}; use loss.kind=sampled_reverse_kl")
+        _check_sizes(student_logits, teacher_logits)
         return divergence(kind, student_logits, teacher_logits, jsd_beta)
 
     return _map_chunks(chunk, chunk_size, student_hidden_M_H, teacher_hidden_M_H)
+
+
+def divergence_sum(kind: str, student_logits_fn: Callable, student_hidden_M_H: torch.Tensor,
+                   teacher_logits_fn: Callable, teacher_hidden_M_H: torch.Tensor, params: list[torch.Tensor],
+                   jsd_beta: float = 0.5, chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the sum over positions of the exact divergence, differentiable; its per-position values, detached).
+
+    The gradient is taken chunk by chunk during the forward pass, so each chunk's logits are
+    projected once for the student and once for the teacher (a checkpointed loss projects both again
+    in the backward pass). `params`: the trainable tensors `student_logits_fn` uses (the head's
+    weight when it is trained), which get their gradient this way too."""
+    values, total = _DivergenceSum.apply(kind, jsd_beta, chunk_size, student_logits_fn, teacher_logits_fn,
+                                         teacher_hidden_M_H.detach(), student_hidden_M_H, *params)
+    return total, values
+
+
+class _DivergenceSum(torch.autograd.Function):
+    """Forward: per chunk, the divergence and its gradient with respect to the chunk's hidden
+    states and the head's parameters (one autograd pass over that chunk's logits). The output is a
+    sum, so the backward pass only scales the stored gradients by the incoming scalar."""
+
+    @staticmethod
+    def forward(ctx, kind, jsd_beta, chunk_size, student_logits_fn, teacher_logits_fn, teacher_hidden_M_H,
+                student_hidden_M_H, *params):
+        grad_hidden = torch.zeros_like(student_hidden_M_H)
+        grad_params = [torch.zeros_like(p) for p in params]
+        values = []
+        for start in range(0, student_hidden_M_H.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            hidden = student_hidden_M_H[rows].detach().requires_grad_()
+            teacher_logits = teacher_logits_fn(teacher_hidden_M_H[rows])
+            with torch.enable_grad():
+                student_logits = student_logits_fn(hidden)
+                _check_sizes(student_logits, teacher_logits)
+                value = divergence(kind, student_logits, teacher_logits.detach(), jsd_beta)
+                grads = torch.autograd.grad(value.sum(), [hidden, *params])
+            grad_hidden[rows] = grads[0]
+            for accumulated, grad in zip(grad_params, grads[1:]):
+                accumulated += grad
+            values.append(value.detach())
+        ctx.save_for_backward(grad_hidden, *grad_params)
+        values = torch.cat(values) if values else student_hidden_M_H.new_zeros(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(values)
+        return values, values.sum()
+
+    @staticmethod
+    def backward(ctx, _grad_values, grad_total):
+        grad_hidden, *grad_params = ctx.saved_tensors
+        return (None, None, None, None, None, None, grad_hidden * grad_total, *(g * grad_total for g in grad_params))
+
+
+def _check_sizes(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(f"exact divergences need equal output sizes: student has {student_logits.shape[-1]} "
+                         f"logits, teacher {teacher_logits.shape[-1]}; use loss.kind=sampled_reverse_kl")
