@@ -35,7 +35,7 @@ drift in this shared machine's speed hits the systems of a round alike.
 Measured per run: s/step (each optimizer step's wall time: sampling, teacher scoring, loss,
 backward, optimizer; TRL: on_step_begin -> on_step_end; opd: sample_s + score_s + train_s from
 metrics.jsonl), sampled tokens/s (completion tokens of the measured steps / their time), peak RSS
-(the process's ru_maxrss from wait4, so measured the same way for both), and the teacher KL (the
+(the process's own VmHWM, polled every 0.1 s until it exits, the same way for both), and the teacher KL (the
 token-mean reverse KL of the step's batch: TRL's loss, opd's exact_reverse_kl) at the first and
 last step. Also, in the same run: this machine's matmul throughput (fp32 and bf16, 2 threads) and
 the fraction of it that opd's train phase achieves (FLOPs from opd.flops / train_s).
@@ -107,18 +107,25 @@ def choose_best(result: dict, levers: list[str]) -> list[str]:
 
 
 def run_process(command: list[str], env: dict, log: Path, timeout_s: float) -> tuple[int, int]:
-    """(exit code, peak RSS in MiB) of a fresh process; its output goes to `log`."""
+    """(exit code, peak RSS in MiB) of a fresh process; its output goes to `log`.
+
+    The peak is the child's own VmHWM (/proc/PID/status), read until it exits: wait4's ru_maxrss
+    is not, because Linux carries the parent's high-water mark over into a child across exec, so
+    every child would seem to use at least what this harness holds."""
+    peak_kib = 0
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         deadline = time.monotonic() + timeout_s
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                process.returncode = os.waitstatus_to_exitcode(status)
-                return process.returncode, usage.ru_maxrss // 1024
+        while process.poll() is None:
+            try:
+                status = Path(f"/proc/{process.pid}/status").read_text()
+                peak_kib = max(peak_kib, int(status.split("VmHWM:")[1].split()[0]))
+            except (OSError, IndexError, ValueError):
+                pass  # exiting
             if time.monotonic() > deadline:
                 process.kill()
-            time.sleep(0.2)
+            time.sleep(0.1)
+    return process.returncode, peak_kib // 1024
 
 
 def base_env(**extra) -> dict:
