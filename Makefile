@@ -66,10 +66,9 @@ bench-sampler: $(VLLM_STAMP) $(SMOLLM2)
 bench-remote-teacher: $(STAMP) $(VLLM_STAMP) $(SMOLLM2)
 	$(BIN)/python benchmarks/remote_teacher.py
 
-# Step time and peak memory per rank, 1 vs 2 processes under torchrun, DDP vs FSDP2 (tiny models, CPU/gloo).
 # opd vs TRL's DistillationTrainer (tokens/s, s/step, peak RSS, teacher KL; tiny, small and SmolLM2
 # pairs; opd's levers alone and combined); TRL in its own environment with torch pinned; writes
-# benchmarks/RESULTS.md. Takes about an hour on this 2-core machine.
+# benchmarks/RESULTS.md. Takes about 1.5 hours on this 2-core machine.
 TRL_VENV := .venv-trl
 TRL_STAMP := $(TRL_VENV)/.installed-trl
 $(TRL_STAMP):
@@ -81,6 +80,7 @@ $(TRL_STAMP):
 bench-trl: $(SMOLLM2) $(VLLM_STAMP) $(TRL_STAMP)
 	$(BIN)/python benchmarks/vs_trl.py
 
+# Step time and peak memory per rank, 1 vs 2 processes under torchrun, DDP vs FSDP2 (tiny models, CPU/gloo).
 .PHONY: bench-distributed
 bench-distributed: $(STAMP)
 	$(BIN)/python benchmarks/distributed.py

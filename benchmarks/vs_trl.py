@@ -128,10 +128,10 @@ def run_process(command: list[str], env: dict, log: Path, timeout_s: float) -> t
     return process.returncode, peak_kib // 1024
 
 
-def base_env(**extra) -> dict:
+def base_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_"))}
     env.update(OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false",
-               VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore", **extra)
+               VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore")
     return env
 
 
