@@ -44,11 +44,38 @@ class Rollouts:
         predicts token t), i.e. where logits are needed."""
         return self.completion_mask[:, 1:].bool()
 
-    def micro_batches(self, size: int) -> Iterator[tuple[slice, "Rollouts"]]:
-        """(row slice, rows) for consecutive micro-batches of `size` rows."""
-        for start in range(0, self.batch_size, size):
-            rows = slice(start, start + size)
-            yield rows, self.rows(rows)
+    def micro_batches(self, size: int) -> Iterator[tuple["Slot", "Rollouts"]]:
+        """(where it lies, rows) for micro-batches of `size` rows: rows of similar length together,
+        each micro-batch cut to the columns its rows use (from its first real token to its last
+        completion token), so that padding is neither run through the model nor projected.
+
+        Exact: positions come from the attention mask (left padding is skipped anyway) and no
+        position attends to later ones (the columns cut at the end are seen by nobody). Rows of
+        equal length keep their order."""
+        starts, stops = self.extents()
+        order = torch.argsort(stops - starts, stable=True)
+        for first in range(0, self.batch_size, size):
+            rows = order[first:first + size]
+            slot = Slot(rows, int(starts[rows].min()), int(stops[rows].max()))
+            yield slot, self.part(slot)
+
+    def extents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's first real column and one past its last completion token (B each)."""
+        columns = torch.arange(self.tokens.shape[1], device=self.tokens.device)
+        starts = torch.where(self.attention_mask.bool(), columns, self.tokens.shape[1]).min(-1).values
+        stops = torch.where(self.completion_mask.bool(), columns + 1, 0).max(-1).values
+        return starts, torch.maximum(stops, starts + 1)
+
+    def part(self, slot: "Slot") -> "Rollouts":
+        """The rows and columns of `slot` (a copy)."""
+        kwargs = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = slot.of(value) if value.dim() >= 2 else value[slot.rows]
+            kwargs[f.name] = value
+        kwargs["prompt_width"] = max(0, self.prompt_width - slot.start)
+        return Rollouts(**kwargs)
 
     def to(self, device: torch.device | str) -> "Rollouts":
         kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -61,6 +88,26 @@ class Rollouts:
             value = getattr(self, f.name)
             kwargs[f.name] = value[index] if isinstance(value, torch.Tensor) else value
         return Rollouts(**kwargs)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a micro-batch lies in its batch: its rows, and the columns [start, stop) they use."""
+
+    rows: torch.Tensor  # long indices into the batch
+    start: int
+    stop: int
+
+    def of(self, values: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's part of a B x T (x ...) tensor of the batch (a copy)."""
+        return values[self.rows.to(values.device), self.start:self.stop]
+
+    def put_predicted(self, values: torch.Tensor, predicted_M: torch.Tensor, micro: "Rollouts") -> None:
+        """Write per-token values computed on the micro-batch (M: its `predicts_completion`
+        positions) into the batch's B x T tensor `values`, at the tokens they are about."""
+        part = self.of(values)
+        part[:, 1:][micro.predicts_completion] = predicted_M.to(part.dtype)
+        values[self.rows.to(values.device), self.start:self.stop] = part
 
 
 def sampled_batch(prompt_ids: list[list[int]], completions: list[list[int]], logprobs: list[list[float]],

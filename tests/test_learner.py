@@ -74,3 +74,43 @@ def test_learning_rate_schedules():
     assert cosine[3] == 1.0 and cosine[4] == pytest.approx(1.0) and cosine[12] == pytest.approx(0.55)
     assert cosine[20] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(cosine[4:], cosine[5:]))
+
+
+def naive_logprobs(model, rollouts):
+    """log pi(token) of every completion token from one forward of the whole padded batch."""
+    from opd.models import position_ids
+
+    with torch.no_grad():
+        logits = model(input_ids=rollouts.tokens, attention_mask=rollouts.attention_mask,
+                       position_ids=position_ids(rollouts.attention_mask)).logits.float()
+    picked = torch.log_softmax(logits[:, :-1], -1).gather(-1, rollouts.tokens[:, 1:, None])[..., 0]
+    return picked * rollouts.completion_mask[:, 1:]
+
+
+def test_micro_batches_cover_every_row_once_and_cut_the_padding(batch):
+    _, _, rollouts, _, _ = batch
+    rows, area = [], 0
+    for slot, micro in rollouts.micro_batches(3):
+        rows += slot.rows.tolist()
+        area += micro.tokens.numel()
+        assert micro.tokens.shape == (len(slot.rows), slot.stop - slot.start)
+        assert torch.equal(micro.tokens, rollouts.tokens[slot.rows, slot.start:slot.stop])
+        # nothing cut away is a real token: left padding before, no completion token after
+        assert not rollouts.attention_mask[slot.rows, :slot.start].any()
+        assert not rollouts.completion_mask[slot.rows, slot.stop:].any()
+    assert sorted(rows) == list(range(rollouts.batch_size))
+    assert area < rollouts.tokens.numel()  # prompts and completions of several lengths: padding was cut
+
+
+def test_cut_micro_batches_score_and_recompute_what_the_whole_batch_gives(batch):
+    student, teacher, rollouts, scores, _ = batch
+    torch.testing.assert_close(scores.logprobs[:, 1:], naive_logprobs(teacher.model, rollouts), atol=1e-5, rtol=1e-5)
+    one_micro_batch = HFTeacher(teacher.model, teacher.tokenizer, chunk_size=5,
+                                micro_batch_size=rollouts.batch_size).score(rollouts, keep_hidden=True)
+    predicts = rollouts.predicts_completion
+    torch.testing.assert_close(scores.hidden[:, :-1][predicts], one_micro_batch.hidden[:, :-1][predicts],
+                               atol=1e-5, rtol=1e-5)
+    learner = Learner(copy.deepcopy(student), OptimConfig(), LossConfig(chunk_size=4), 10, micro_batch_size=5)
+    logprobs, entropy = learner.policy_logprobs(rollouts)
+    torch.testing.assert_close(logprobs[:, 1:], naive_logprobs(student, rollouts), atol=1e-5, rtol=1e-5)
+    assert bool((entropy[:, 1:] > 0).eq(rollouts.completion_mask[:, 1:].bool()).all())

@@ -126,7 +126,7 @@ class Learner:
         total_loss = 0.0
         ratio_sum = clipped = divergence_total = mismatch_sum = 0.0
         micro_batches = list(rollouts.micro_batches(self.micro_batch_size))
-        for i, (rows, micro) in enumerate(micro_batches):
+        for i, (slot, micro) in enumerate(micro_batches):
             distributed.reduce_gradients_in_this_backward(self, last=i == len(micro_batches) - 1)
             _, hidden_M_H = self.head.completion_states(micro)
             selected = micro.predicts_completion
@@ -135,7 +135,7 @@ class Learner:
                                             self.loss_cfg.chunk_size)
                 loss = completion_cross_entropy(logprobs_M, num_tokens)
             elif self.exact:
-                teacher_hidden_M_H = scores.hidden[rows, :-1][selected]
+                teacher_hidden_M_H = slot.of(scores.hidden)[:, :-1][selected]
                 if distributed.is_sharded(self):  # FSDP2 swaps the head's weights in per call: recompute instead
                     div_M = token_divergence(self.loss_cfg.kind, self.head.logits, hidden_M_H, scores.logits,
                                              teacher_hidden_M_H, self.loss_cfg.jsd_beta, self.loss_cfg.chunk_size)
@@ -147,15 +147,15 @@ class Learner:
                 loss = div_sum / num_tokens
                 divergence_total += float(div_M.detach().sum())
             elif self.needs_top_k:
-                div_M = token_topk_forward_kl(self.head.logits, hidden_M_H, scores.topk_ids[rows, 1:][selected],
-                                              scores.topk_logprobs[rows, 1:][selected], self.loss_cfg.chunk_size)
+                div_M = token_topk_forward_kl(self.head.logits, hidden_M_H, slot.of(scores.topk_ids)[:, 1:][selected],
+                                              slot.of(scores.topk_logprobs)[:, 1:][selected], self.loss_cfg.chunk_size)
                 loss = div_M.sum() / num_tokens
                 divergence_total += float(div_M.detach().sum())
             else:
                 logprobs_M = token_logprobs(self.head.logits, hidden_M_H, micro.tokens[:, 1:][selected],
                                             self.loss_cfg.chunk_size)
                 behaviour_M = micro.behaviour_logprobs[:, 1:][selected]
-                advantages_M = advantages[rows, 1:][selected]
+                advantages_M = slot.of(advantages)[:, 1:][selected]
                 weights_M = torch.ones_like(logprobs_M) if micro.importance_weights is None \
                     else micro.importance_weights[:, 1:][selected]
                 loss = policy_gradient_loss(logprobs_M, behaviour_M, advantages_M, weights_M,
@@ -211,13 +211,13 @@ class Learner:
         self.model.eval()
         logprobs = torch.zeros_like(rollouts.completion_mask)
         entropy = torch.zeros_like(rollouts.completion_mask)
-        for rows, micro in rollouts.micro_batches(self.micro_batch_size):
+        for slot, micro in rollouts.micro_batches(self.micro_batch_size):
             _, states_M_H = self.head.completion_states(micro)
             selected = micro.predicts_completion
             logprobs_M, entropy_M = token_logprobs_and_entropy(self.head.logits, states_M_H,
                                                                micro.tokens[:, 1:][selected], self.loss_cfg.chunk_size)
-            logprobs[rows, 1:][selected] = logprobs_M
-            entropy[rows, 1:][selected] = entropy_M
+            slot.put_predicted(logprobs, logprobs_M, micro)
+            slot.put_predicted(entropy, entropy_M, micro)
         self.model.train(was_training)
         return logprobs, entropy
 
@@ -277,10 +277,10 @@ class Learner:
         was_training = self.model.training
         self.model.eval()
         total = 0.0
-        for rows, micro in rollouts.micro_batches(self.micro_batch_size):
+        for slot, micro in rollouts.micro_batches(self.micro_batch_size):
             _, states_M_H = self.head.completion_states(micro)
             div = token_divergence(kind, self.head.logits, states_M_H, scores.logits,
-                                   scores.hidden[rows, :-1][micro.predicts_completion],
+                                   slot.of(scores.hidden)[:, :-1][micro.predicts_completion],
                                    chunk_size=self.loss_cfg.chunk_size)
             total += float(div.sum())
         self.model.train(was_training)

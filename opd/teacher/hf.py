@@ -44,17 +44,19 @@ class HFTeacher:
     @torch.no_grad()
     def score(self, rollouts: Rollouts, keep_hidden: bool = False) -> TeacherScores:
         logprobs = torch.zeros_like(rollouts.completion_mask)
-        hidden_parts = []
-        for rows, micro in rollouts.micro_batches(self.micro_batch_size):
+        hidden_all = None
+        for slot, micro in rollouts.micro_batches(self.micro_batch_size):
             hidden, states_M_H = self.head.completion_states(micro)
             selected = micro.predicts_completion
             scores = token_logprobs(self.head.logits, states_M_H, micro.tokens[:, 1:][selected], self.chunk_size)
-            logprobs[rows, 1:][selected] = scores
+            slot.put_predicted(logprobs, scores, micro)
             if keep_hidden:
-                hidden_parts.append(hidden)
+                if hidden_all is None:
+                    hidden_all = hidden.new_zeros(*rollouts.tokens.shape, hidden.shape[-1])
+                hidden_all[slot.rows, slot.start:slot.stop] = hidden
         if not keep_hidden:
             return TeacherScores(logprobs)
-        return TeacherScores(logprobs, hidden=torch.cat(hidden_parts), logits=self.head.logits)
+        return TeacherScores(logprobs, hidden=hidden_all, logits=self.head.logits)
 
     def take_metrics(self) -> dict:
         return {}
