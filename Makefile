@@ -68,7 +68,7 @@ bench-remote-teacher: $(STAMP) $(VLLM_STAMP) $(SMOLLM2)
 
 # opd vs TRL's DistillationTrainer (tokens/s, s/step, peak RSS, teacher KL; tiny, small and SmolLM2
 # pairs; opd's levers alone and combined); TRL in its own environment with torch pinned; writes
-# benchmarks/RESULTS.md. Takes about 1.5 hours on this 2-core machine.
+# benchmarks/RESULTS.md. Takes 50-90 minutes on this 2-core machine (51 on an idle one).
 TRL_VENV := .venv-trl
 TRL_STAMP := $(TRL_VENV)/.installed-trl
 $(TRL_STAMP):
