@@ -82,12 +82,9 @@ class Rollouts:
         return Rollouts(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
 
     def rows(self, index: slice) -> "Rollouts":
-        """A micro-batch of rows (prompts are shared, group ids keep pointing into them)."""
-        kwargs = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            kwargs[f.name] = value[index] if isinstance(value, torch.Tensor) else value
-        return Rollouts(**kwargs)
+        """Some rows, all columns (prompts are shared, group ids keep pointing into them)."""
+        rows = torch.arange(self.batch_size, device=self.tokens.device)[index]
+        return self.part(Slot(rows, 0, self.tokens.shape[1]))
 
 
 @dataclass(frozen=True)
