@@ -82,7 +82,7 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
     try:
         student, tokenizer = load_model(cfg.student, device, student_tokenizer)
         learner = Learner(student, cfg.optim, cfg.loss, cfg.train.steps, cfg.train.micro_batch_size,
-                          objective_of(cfg.loss, cfg.on_policy))
+                          objective_of(cfg.loss, cfg.on_policy), cfg.train.compute_dtype)
         learner.verify(len(tokenizer))
         check_output_sizes(learner, teacher, needs_full_distribution=learner.exact)  # exact losses: refused here
         data = load_data(cfg, tokenizer)

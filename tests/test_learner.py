@@ -114,3 +114,32 @@ def test_cut_micro_batches_score_and_recompute_what_the_whole_batch_gives(batch)
     logprobs, entropy = learner.policy_logprobs(rollouts)
     torch.testing.assert_close(logprobs[:, 1:], naive_logprobs(student, rollouts), atol=1e-5, rtol=1e-5)
     assert bool((entropy[:, 1:] > 0).eq(rollouts.completion_mask[:, 1:].bool()).all())
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "sampled_reverse_kl"])
+def test_bf16_compute_gives_the_fp32_step_within_bf16_rounding_and_keeps_fp32_state(batch, kind):
+    """train.compute_dtype=bfloat16 autocasts the products; the loss, the gradient's direction and
+    size stay those of fp32 to bf16's precision, and everything the optimizer holds stays fp32."""
+    student, teacher, rollouts, scores, advantages = batch
+    steps = {}
+    for dtype in ("float32", "bfloat16"):
+        model = copy.deepcopy(student)
+        learner = Learner(model, OptimConfig(lr=1e-2, warmup_steps=0, grad_clip=None), LossConfig(kind=kind),
+                          total_steps=10, micro_batch_size=5, compute_dtype=dtype)
+        metrics = learner.train_step(rollouts, advantages, scores)
+        steps[dtype] = metrics, torch.cat([p.grad.flatten() for p in model.parameters()]), model, learner
+    (m32, g32, _, _), (m16, g16, model16, learner16) = steps["float32"], steps["bfloat16"]
+    assert m16["loss"] == pytest.approx(m32["loss"], rel=2e-2, abs=1e-3)
+    assert m16["grad_norm"] == pytest.approx(m32["grad_norm"], rel=5e-2)
+    assert float(torch.nn.functional.cosine_similarity(g32, g16, dim=0)) > 0.99
+    assert not torch.equal(g32, g16)  # bf16 did compute something
+    assert {p.dtype for p in model16.parameters()} == {torch.float32}
+    assert all(t.dtype == torch.float32 for s in learner16.optimizer.state.values() for t in s.values()
+               if t.is_floating_point())
+    assert model16.config._attn_implementation == "opd_sdpa_fp32"  # attention stays fp32 on CPU
+
+
+def test_bf16_compute_needs_fp32_weights(batch):
+    student = copy.deepcopy(batch[0]).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="student.dtype=float32"):
+        Learner(student, OptimConfig(), LossConfig(), 10, 4, compute_dtype="bfloat16")

@@ -96,3 +96,88 @@ def test_stop_strings_end_the_completion(talker):
         if not r.truncated[i]:
             assert "." in text and "." not in tok.decode(r.tokens[i, r.prompt_width:r.prompt_width + length - 1])
     assert not r.truncated.all()
+
+
+def _architectures(tok):
+    """Tiny decoders of the Llama family with the variants LeanDecoder handles: Llama (what
+    opd's tiny models are), Qwen2 (biases on q/k/v), Qwen3 (q/k norms, fewer key-value heads, a
+    head size of its own), and a Llama student under LoRA."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    llama, _ = tiny(hidden=32, seed=4, init_std=0.2)
+    lora = get_peft_model(tiny(hidden=32, seed=5, init_std=0.2)[0],
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                     init_lora_weights=False))
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, initializer_range=0.2, **common))
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(num_key_value_heads=2, head_dim=16, initializer_range=0.2, **common))
+    return {"llama": llama, "llama+lora": lora, "qwen2": qwen2, "qwen3": qwen3}
+
+
+def test_lean_decoder_samples_what_the_models_own_forward_samples():
+    """The same draws through LeanDecoder and through the model's own forward give the same tokens
+    and log-probs, on every architecture it accepts; those log-probs are the full prefill's."""
+    from opd.sampler.decoder import HFDecoder, LeanDecoder
+
+    _, tok = tiny()
+    prompts = chat_ids(tok, PROMPTS)
+    for name, model in _architectures(tok).items():
+        model.eval()
+        results = {}
+        for decoder in (LeanDecoder, HFDecoder):
+            s = sampler(model, tok, samples_per_prompt=2, max_new_tokens=20)
+            s.sample(prompts[:1], samples_per_prompt=1, max_new_tokens=1)  # chooses its decoder
+            assert s.decoder_class is LeanDecoder, (name, s.lean_unsupported)
+            s.decoder_class = decoder
+            results[decoder] = s.sample(prompts, seed=7)
+        lean, own = results[LeanDecoder], results[HFDecoder]
+        assert torch.equal(lean.tokens, own.tokens), name
+        torch.testing.assert_close(lean.behaviour_logprobs, own.behaviour_logprobs, atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(lean.entropy, own.entropy, atol=1e-5, rtol=1e-5, msg=name)
+        rescored = HFTeacher(model, tok, chunk_size=8).score(lean)
+        torch.testing.assert_close(rescored.logprobs, lean.behaviour_logprobs, atol=2e-4, rtol=1e-4, msg=name)
+
+
+def test_other_architectures_sample_through_their_own_forward():
+    """A decoder LeanDecoder does not know (GPT-2 here) samples through the model's forward, and
+    the sampler says why."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from opd.sampler.decoder import HFDecoder
+
+    _, tok = tiny()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2,
+                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    s = sampler(model, tok, samples_per_prompt=2, max_new_tokens=8)
+    r = s.sample(chat_ids(tok, PROMPTS))
+    assert s.decoder_class is HFDecoder and "gpt2" in s.lean_unsupported
+    rescored = HFTeacher(model, tok, chunk_size=8).score(r)
+    torch.testing.assert_close(rescored.logprobs, r.behaviour_logprobs, atol=2e-4, rtol=1e-4)
+
+
+def test_a_lean_decoder_that_disagrees_with_the_model_is_not_used(monkeypatch):
+    """The structural check is not trusted alone: a model whose logits the lean forward does not
+    reproduce (here, a norm's epsilon it would misread) samples through its own forward."""
+    from opd.sampler import decoder
+
+    model, tok = tiny(hidden=32, seed=4, init_std=0.2)
+    monkeypatch.setattr(decoder, "_rms_norm", lambda norm, x: torch.nn.functional.rms_norm(
+        x, (x.shape[-1],), norm.weight, 0.5))
+    s = sampler(model, tok, max_new_tokens=4)
+    s.sample(chat_ids(tok, PROMPTS[:1]))
+    assert s.decoder_class is decoder.HFDecoder and "differ from the model's forward" in s.lean_unsupported
+
+
+def test_draw_follows_the_probabilities_and_never_draws_a_zero():
+    from opd.sampler.hf import draw
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0]).repeat(40000, 1)
+    tokens = draw(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=5).float() / len(tokens)
+    assert counts[1] == 0 and counts[4] == 0
+    # binomial standard error at n=40000 is at most 0.0025; allow 4 of them
+    torch.testing.assert_close(counts, probs[0], atol=0.01, rtol=0)

@@ -18,7 +18,7 @@ import torch
 
 from opd.config import LossConfig, OptimConfig
 from opd.flops import ModelCost
-from opd.learner import distributed
+from opd.learner import autocast, distributed
 from opd.learner.checkpoint import load_weights, nonfinite_tensors
 from opd.losses.chunked import divergence_sum, token_divergence, token_logprobs, token_logprobs_and_entropy
 from opd.losses.cross_entropy import completion_cross_entropy
@@ -57,7 +57,7 @@ class Learner:
     """The trained model and its optimizer, in this process (`opd.roles.Learner`)."""
 
     def __init__(self, model, optim: OptimConfig, loss: LossConfig, total_steps: int, micro_batch_size: int,
-                 objective: str | None = None):
+                 objective: str | None = None, compute_dtype: str = "float32"):
         self.objective = objective or objective_of(loss)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective {self.objective!r}: expected one of {OBJECTIVES}")
@@ -67,6 +67,9 @@ class Learner:
         self.cost = ModelCost.from_model(model)
         self.loss_cfg = loss
         self.micro_batch_size = micro_batch_size
+        # train.compute_dtype: the forward passes' products in bf16 (weights and optimizer stay fp32)
+        self.compute_dtype = compute_dtype
+        autocast.prepare(model, compute_dtype, self.device)
         self.total_steps = total_steps
         self.optim_cfg = optim
         self.rebuild_optimizer()
@@ -96,6 +99,10 @@ class Learner:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def compute(self):
+        """The region of a forward pass and its loss: autocast when train.compute_dtype=bfloat16."""
+        return autocast.context(self.compute_dtype, self.device)
 
     @property
     def exact(self) -> bool:
@@ -128,44 +135,45 @@ class Learner:
         micro_batches = list(rollouts.micro_batches(self.micro_batch_size))
         for i, (slot, micro) in enumerate(micro_batches):
             distributed.reduce_gradients_in_this_backward(self, last=i == len(micro_batches) - 1)
-            _, hidden_M_H = self.head.completion_states(micro)
-            selected = micro.predicts_completion
-            if self.objective == "cross_entropy":
-                logprobs_M = token_logprobs(self.head.logits, hidden_M_H, micro.tokens[:, 1:][selected],
-                                            self.loss_cfg.chunk_size)
-                loss = completion_cross_entropy(logprobs_M, num_tokens)
-            elif self.exact:
-                teacher_hidden_M_H = slot.of(scores.hidden)[:, :-1][selected]
-                if distributed.is_sharded(self):  # FSDP2 swaps the head's weights in per call: recompute instead
-                    div_M = token_divergence(self.loss_cfg.kind, self.head.logits, hidden_M_H, scores.logits,
-                                             teacher_hidden_M_H, self.loss_cfg.jsd_beta, self.loss_cfg.chunk_size)
-                    div_sum = div_M.sum()
+            with self.compute():  # float32: a no-op; bfloat16: the products in bf16, the loss in fp32
+                _, hidden_M_H = self.head.completion_states(micro)
+                selected = micro.predicts_completion
+                if self.objective == "cross_entropy":
+                    logprobs_M = token_logprobs(self.head.logits, hidden_M_H, micro.tokens[:, 1:][selected],
+                                                self.loss_cfg.chunk_size)
+                    loss = completion_cross_entropy(logprobs_M, num_tokens)
+                elif self.exact:
+                    teacher_hidden_M_H = slot.of(scores.hidden)[:, :-1][selected]
+                    if distributed.is_sharded(self):  # FSDP2 swaps the head's weights in per call: recompute instead
+                        div_M = token_divergence(self.loss_cfg.kind, self.head.logits, hidden_M_H, scores.logits,
+                                                 teacher_hidden_M_H, self.loss_cfg.jsd_beta, self.loss_cfg.chunk_size)
+                        div_sum = div_M.sum()
+                    else:
+                        div_sum, div_M = divergence_sum(self.loss_cfg.kind, self.head.logits, hidden_M_H, scores.logits,
+                                                        teacher_hidden_M_H, self.head.trainable_parameters(),
+                                                        self.loss_cfg.jsd_beta, self.loss_cfg.chunk_size)
+                    loss = div_sum / num_tokens
+                    divergence_total += float(div_M.detach().sum())
+                elif self.needs_top_k:
+                    div_M = token_topk_forward_kl(self.head.logits, hidden_M_H, slot.of(scores.topk_ids)[:, 1:][selected],
+                                                  slot.of(scores.topk_logprobs)[:, 1:][selected], self.loss_cfg.chunk_size)
+                    loss = div_M.sum() / num_tokens
+                    divergence_total += float(div_M.detach().sum())
                 else:
-                    div_sum, div_M = divergence_sum(self.loss_cfg.kind, self.head.logits, hidden_M_H, scores.logits,
-                                                    teacher_hidden_M_H, self.head.trainable_parameters(),
-                                                    self.loss_cfg.jsd_beta, self.loss_cfg.chunk_size)
-                loss = div_sum / num_tokens
-                divergence_total += float(div_M.detach().sum())
-            elif self.needs_top_k:
-                div_M = token_topk_forward_kl(self.head.logits, hidden_M_H, slot.of(scores.topk_ids)[:, 1:][selected],
-                                              slot.of(scores.topk_logprobs)[:, 1:][selected], self.loss_cfg.chunk_size)
-                loss = div_M.sum() / num_tokens
-                divergence_total += float(div_M.detach().sum())
-            else:
-                logprobs_M = token_logprobs(self.head.logits, hidden_M_H, micro.tokens[:, 1:][selected],
-                                            self.loss_cfg.chunk_size)
-                behaviour_M = micro.behaviour_logprobs[:, 1:][selected]
-                advantages_M = slot.of(advantages)[:, 1:][selected]
-                weights_M = torch.ones_like(logprobs_M) if micro.importance_weights is None \
-                    else micro.importance_weights[:, 1:][selected]
-                loss = policy_gradient_loss(logprobs_M, behaviour_M, advantages_M, weights_M,
-                                            num_tokens, self.loss_cfg.clip_eps)
-                ratio = torch.exp(logprobs_M.detach() - behaviour_M)
-                ratio_sum += float(ratio.sum())
-                # before the update, so on-policy this is the sampler's disagreement with the learner
-                mismatch_sum += float((logprobs_M.detach() - behaviour_M).abs().sum())
-                if self.loss_cfg.clip_eps is not None:
-                    clipped += float(((ratio - 1).abs() > self.loss_cfg.clip_eps).sum())
+                    logprobs_M = token_logprobs(self.head.logits, hidden_M_H, micro.tokens[:, 1:][selected],
+                                                self.loss_cfg.chunk_size)
+                    behaviour_M = micro.behaviour_logprobs[:, 1:][selected]
+                    advantages_M = slot.of(advantages)[:, 1:][selected]
+                    weights_M = torch.ones_like(logprobs_M) if micro.importance_weights is None \
+                        else micro.importance_weights[:, 1:][selected]
+                    loss = policy_gradient_loss(logprobs_M, behaviour_M, advantages_M, weights_M,
+                                                num_tokens, self.loss_cfg.clip_eps)
+                    ratio = torch.exp(logprobs_M.detach() - behaviour_M)
+                    ratio_sum += float(ratio.sum())
+                    # before the update, so on-policy this is the sampler's disagreement with the learner
+                    mismatch_sum += float((logprobs_M.detach() - behaviour_M).abs().sum())
+                    if self.loss_cfg.clip_eps is not None:
+                        clipped += float(((ratio - 1).abs() > self.loss_cfg.clip_eps).sum())
             loss.backward()
             total_loss += float(loss.detach())
 
@@ -212,10 +220,12 @@ class Learner:
         logprobs = torch.zeros_like(rollouts.completion_mask)
         entropy = torch.zeros_like(rollouts.completion_mask)
         for slot, micro in rollouts.micro_batches(self.micro_batch_size):
-            _, states_M_H = self.head.completion_states(micro)
-            selected = micro.predicts_completion
-            logprobs_M, entropy_M = token_logprobs_and_entropy(self.head.logits, states_M_H,
-                                                               micro.tokens[:, 1:][selected], self.loss_cfg.chunk_size)
+            with self.compute():
+                _, states_M_H = self.head.completion_states(micro)
+                selected = micro.predicts_completion
+                logprobs_M, entropy_M = token_logprobs_and_entropy(self.head.logits, states_M_H,
+                                                                   micro.tokens[:, 1:][selected],
+                                                                   self.loss_cfg.chunk_size)
             slot.put_predicted(logprobs, logprobs_M, micro)
             slot.put_predicted(entropy, entropy_M, micro)
         self.model.train(was_training)
@@ -278,10 +288,11 @@ class Learner:
         self.model.eval()
         total = 0.0
         for slot, micro in rollouts.micro_batches(self.micro_batch_size):
-            _, states_M_H = self.head.completion_states(micro)
-            div = token_divergence(kind, self.head.logits, states_M_H, scores.logits,
-                                   slot.of(scores.hidden)[:, :-1][micro.predicts_completion],
-                                   chunk_size=self.loss_cfg.chunk_size)
+            with self.compute():
+                _, states_M_H = self.head.completion_states(micro)
+                div = token_divergence(kind, self.head.logits, states_M_H, scores.logits,
+                                       slot.of(scores.hidden)[:, :-1][micro.predicts_completion],
+                                       chunk_size=self.loss_cfg.chunk_size)
             total += float(div.sum())
         self.model.train(was_training)
         return total / max(float(rollouts.completion_mask.sum()), 1.0)

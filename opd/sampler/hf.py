@@ -9,15 +9,15 @@ estimate). Here the sampled distribution and the behaviour log-probs come from t
 from __future__ import annotations
 
 import copy
-import inspect
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 from opd.config import SamplingConfig
-from opd.models import eos_token_ids, position_ids
+from opd.models import eos_token_ids
 from opd.rollouts import Rollouts
+from opd.sampler.decoder import choose_decoder
 
 
 class BiasedSamplingWarning(UserWarning):
@@ -50,16 +50,13 @@ def sampling_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return logits
 
 
-def cache_kwarg(model) -> str:
-    """The name under which this transformers version takes the KV cache: `cache` from 5.2x on,
-    `past_key_values` before (still accepted there, with a deprecation warning)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-
-
-def returned_cache(output):
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from B x V probabilities, by inverting each row's cumulative sum at a
+    uniform draw (one random number per row: cheaper than torch.multinomial on a CPU). A token of
+    probability 0 is never drawn: its cumulative sum equals its predecessor's."""
+    cumulative = probs.cumsum(-1)
+    uniform = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, uniform, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
 class HFSampler:
@@ -75,8 +72,10 @@ class HFSampler:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.eos_ids = eos_token_ids(model, tokenizer)
-        self.cache_kwarg = cache_kwarg(model)
         self.pad_id = tokenizer.pad_token_id
+        # the lean Llama-family decoder where it reproduces this model's logits, else the model's own
+        # forward: chosen at the first sample (when sharded weights are gathered, under FSDP2)
+        self.decoder_class, self.lean_unsupported = None, None
         warn_if_biased(cfg)
 
     @torch.no_grad()
@@ -145,17 +144,16 @@ class HFSampler:
         lengths = torch.full((batch,), max_new, dtype=torch.long, device=device)
         out_tokens, out_logprobs, out_entropy = [], [], []
 
-        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=position_ids(mask),
-                         use_cache=True, logits_to_keep=1)
-        next_position = mask.sum(-1, keepdim=True)
+        if self.decoder_class is None:
+            self.decoder_class, self.lean_unsupported = choose_decoder(self.model, len(self.tokenizer))
+        decoder = self.decoder_class(self.model, tokens, mask, max_new)
+        logits = decoder.prefill()
         for step in range(max_new):
-            logits = out.logits[:, -1].float()
             logprobs_V = F.log_softmax(logits, -1)
             if greedy:
                 token = logits.argmax(-1)
             else:
-                probs = F.softmax(sampling_logits(logits, self.cfg), -1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                token = draw(F.softmax(sampling_logits(logits, self.cfg), -1), generator)
             token = torch.where(done, torch.full_like(token, self.pad_id), token)
             out_tokens.append(token)
             out_logprobs.append(logprobs_V.gather(-1, token[:, None]).squeeze(1))
@@ -168,10 +166,7 @@ class HFSampler:
             done |= ended
             if bool(done.all()) or step == max_new - 1:
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
-                             use_cache=True, **{self.cache_kwarg: returned_cache(out)})
-            next_position = next_position + 1
+            logits = decoder.step(token)
         return (torch.stack(out_tokens, 1), torch.stack(out_logprobs, 1), torch.stack(out_entropy, 1), lengths, done)
 
     def _hits_stop_string(self, generated: torch.Tensor, done: torch.Tensor) -> torch.Tensor:

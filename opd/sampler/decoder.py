@@ -1,0 +1,205 @@
+"""The forward passes of in-process sampling: a prompt, then one new token per row at a time.
+
+Two implementations of one interface (`prefill`, then `step` per new token, each returning the
+next-token logits, B x V in fp32):
+
+* `LeanDecoder`, for decoders of the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM, ...): the
+  layers' own modules called directly, a KV cache allocated once for the whole completion, and the
+  rotary table computed once. At the sizes we sample on a CPU a decode step is a few dozen small
+  matrix products, so the generic forward's per-step bookkeeping (mask building, cache objects,
+  output records) cost as much as the products themselves: this decoder does without it.
+* `HFDecoder`: the model's own forward with a transformers cache; any architecture.
+
+`decoder_for` picks the lean one when the model has the expected structure and reproduces the
+model's own logits on a small input; otherwise the generic one.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from opd.models import LogitsHead, position_ids
+
+LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+LAYER_MODULES = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+ATTENTION_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def lean_unsupported(model) -> str | None:
+    """Why `LeanDecoder` cannot run this model, or None when its structure is the expected one."""
+    base = _base(model)
+    config = base.config
+    if config.model_type not in LEAN_MODEL_TYPES:
+        return f"model type {config.model_type!r} is not one of {LEAN_MODEL_TYPES}"
+    decoder = getattr(base, "model", None)
+    if decoder is None or not all(hasattr(decoder, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "no embed_tokens / layers / norm / rotary_emb"
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") == "dynamic":  # its table depends on the length seen so far
+        return "dynamic rotary scaling"
+    for layer in decoder.layers:
+        if {n for n, _ in layer.named_children()} != LAYER_MODULES:
+            return f"a decoder layer with modules {sorted(n for n, _ in layer.named_children())}"
+        if not {n for n, _ in layer.self_attn.named_children()} <= ATTENTION_MODULES:
+            return f"an attention block with modules {sorted(n for n, _ in layer.self_attn.named_children())}"
+        if {n for n, _ in layer.mlp.named_children()} - {"act_fn"} != {"gate_proj", "up_proj", "down_proj"}:
+            return "an MLP other than gate/up/down"
+    return None
+
+
+def cache_kwarg(model) -> str:
+    """The name under which this transformers version takes the KV cache: `cache` from 5.2x on,
+    `past_key_values` before (still accepted there, with a deprecation warning)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+class HFDecoder:
+    """The model's own forward and cache (any architecture)."""
+
+    def __init__(self, model, tokens: torch.Tensor, mask: torch.Tensor, max_new: int):
+        self.model, self.tokens, self.mask = model, tokens, mask
+        self.cache_kwarg = cache_kwarg(model)
+        self.out = None
+        self.next_position = mask.sum(-1, keepdim=True)
+
+    def prefill(self) -> torch.Tensor:
+        self.out = self.model(input_ids=self.tokens, attention_mask=self.mask, position_ids=position_ids(self.mask),
+                              use_cache=True, logits_to_keep=1)
+        return self.out.logits[:, -1].float()
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        cache = getattr(self.out, "cache", None)
+        cache = cache if cache is not None else self.out.past_key_values
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+        self.out = self.model(input_ids=token[:, None], attention_mask=self.mask, position_ids=self.next_position,
+                              use_cache=True, **{self.cache_kwarg: cache})
+        self.next_position = self.next_position + 1
+        return self.out.logits[:, -1].float()
+
+
+class LeanDecoder:
+    """A Llama-family forward with a preallocated KV cache (see the module's docstring). Left
+    padding is masked out of attention; positions skip it, as in `opd.models.position_ids`."""
+
+    def __init__(self, model, tokens: torch.Tensor, mask: torch.Tensor, max_new: int):
+        base = _base(model)
+        self.decoder = base.model
+        self.head = LogitsHead(model)
+        config = base.config
+        first = self.decoder.layers[0].self_attn
+        self.head_dim = first.head_dim
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.tokens, self.mask = tokens, mask
+        batch, width = tokens.shape
+        total = width + max_new
+        weight = self.decoder.embed_tokens.weight
+        self.dtype, device = weight.dtype, weight.device
+        # the rotary table of every position the completion can reach, once
+        cos, sin = self.decoder.rotary_emb(weight[:1], torch.arange(total, device=device)[None])
+        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+        shape = (batch, self.kv_heads, total, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.decoder.layers]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.decoder.layers]
+        # which cache columns hold a real token (left padding never does)
+        self.valid = torch.zeros(batch, total, dtype=torch.bool, device=device)
+        self.valid[:, :width] = mask.bool()
+        self.length = 0  # cache columns filled
+        self.next_position = mask.sum(-1, keepdim=True)
+
+    def prefill(self) -> torch.Tensor:
+        width = self.tokens.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.tokens.device).tril()
+        # a padding position attends to itself only: never to nothing (that would be NaN)
+        allowed = (causal & self.valid[:, None, None, :width]) | torch.eye(width, dtype=torch.bool,
+                                                                         device=self.tokens.device)
+        return self._forward(self.tokens, position_ids(self.mask), allowed)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        self.valid[:, self.length] = True
+        allowed = self.valid[:, None, None, :self.length + 1]
+        logits = self._forward(token[:, None], self.next_position, allowed)
+        self.next_position = self.next_position + 1
+        return logits
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        batch, new = ids.shape
+        start, self.length = self.length, self.length + new
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # B x 1 x new x D
+        hidden = self.decoder.embed_tokens(ids)
+        for layer, keys, values in zip(self.decoder.layers, self.keys, self.values):
+            attn = layer.self_attn
+            x = _rms_norm(layer.input_layernorm, hidden)
+            q = attn.q_proj(x).view(batch, new, self.heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(batch, new, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(batch, new, self.kv_heads, self.head_dim).transpose(1, 2)
+            if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before the rotation
+                q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
+            keys[:, :, start:self.length] = _rotate(k, cos, sin)
+            values[:, :, start:self.length] = v
+            out = F.scaled_dot_product_attention(_rotate(q, cos, sin), keys[:, :, :self.length],
+                                                 values[:, :, :self.length], attn_mask=allowed, scale=attn.scaling,
+                                                 enable_gqa=self.kv_heads != self.heads)
+            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, new, -1))
+            x = _rms_norm(layer.post_attention_layernorm, hidden)
+            mlp = layer.mlp
+            hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return self.head.logits(_rms_norm(self.decoder.norm, hidden[:, -1]))
+
+
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, -1)
+    return x * cos + torch.cat((-second, first), -1) * sin
+
+
+@torch.no_grad()
+def lean_matches(model, vocab_size: int, max_new: int = 3) -> str | None:
+    """None when `LeanDecoder` reproduces the model's own next-token logits on a small left-padded
+    batch (the prompt, then `max_new` steps); else what differed."""
+    device = next(model.parameters()).device
+    ids = torch.arange(2, 8, device=device).remainder(vocab_size).repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # the second row is left-padded
+    decoder = LeanDecoder(model, ids, mask, max_new)
+    got = [decoder.prefill()]
+    new = torch.arange(max_new, device=device).add(3).remainder(vocab_size)
+    for token in new:
+        got.append(decoder.step(token.repeat(2)))
+    full = torch.cat([ids, new.repeat(2, 1)], 1)
+    full_mask = torch.cat([mask, torch.ones(2, max_new, dtype=mask.dtype, device=device)], 1)
+    expected = model(input_ids=full, attention_mask=full_mask, position_ids=position_ids(full_mask)).logits.float()
+    expected = expected[:, ids.shape[1] - 1:]
+    got = torch.stack(got, 1)
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    if not torch.allclose(expected, got, atol=tol, rtol=tol):
+        return f"its logits differ from the model's forward by up to {(expected - got).abs().max():.3g}"
+    return None
+
+
+def choose_decoder(model, vocab_size: int):
+    """LeanDecoder where it is supported and verified on this model, else HFDecoder; and why not."""
+    why = lean_unsupported(model)
+    if why is None:
+        was_training = model.training
+        model.eval()
+        try:
+            why = lean_matches(model, vocab_size)
+        finally:
+            model.train(was_training)
+    return (LeanDecoder, None) if why is None else (HFDecoder, why)
