@@ -385,7 +385,7 @@ def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
                           console=console, stop_after=stop_after)
         finally:
             components.close()
-            distributed.shutdown()
+            distributed.shutdown(components.learner)
 
 
 def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, state: dict | None, restart: bool,
