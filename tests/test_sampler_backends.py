@@ -165,6 +165,19 @@ def test_recomputed_logprobs_match_the_hf_sampler_in_a_run(tmp_path):
     assert capped[0]["teacher_kl"] == recompute[0]["teacher_kl"]
 
 
+def test_bf16_sampler_in_a_run_with_the_bf16_learner(tmp_path):
+    """sampling.dtype=bfloat16 beside train.compute_dtype=bfloat16 (whose fp32 attention the copy
+    inherits): the run trains, and its samples' log-probs are the bf16 copy's, near the learner's."""
+    train(run_config(tmp_path / "run", "train.steps=2", "sampling.dtype=bfloat16", "train.compute_dtype=bfloat16",
+                     "sampling.recompute_logprobs=true"))
+    rows = [r for r in metrics(tmp_path / "run") if r["step"] >= 1]
+    assert len(rows) == 2
+    for row in rows:
+        # bf16 rounds the logits by ~1e-2 of their size; the same model in fp32 gives < 1e-4 (above)
+        assert 1e-4 < row["logprob_mismatch"] < 0.05, row["logprob_mismatch"]
+        assert row["ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # the learner's log-probs are the behaviour's
+
+
 def test_recompute_behaviour_weights_each_token_by_the_capped_ratio(student_batch, tmp_path):
     from opd.loop import recompute_behaviour
 
@@ -340,7 +353,8 @@ def test_vllm_backend_without_vllm_says_how_to_install(tmp_path, monkeypatch):
     (["sampling.url=http://localhost:8000/v1"], "sampling.url"),
     (["sampling.importance_cap=2.0"], "sampling.importance_cap"),
     (["sampling.recompute_logprobs=true", "train.max_staleness=1"], "train.max_staleness"),
-], ids=["url-needs-vllm", "cap-needs-recompute", "recompute-with-staleness"])
+    (["sampling.backend=vllm", "sampling.dtype=bfloat16"], "sampling.engine_args.dtype"),
+], ids=["url-needs-vllm", "cap-needs-recompute", "recompute-with-staleness", "dtype-is-the-hf-samplers"])
 def test_inconsistent_sampling_settings_are_refused(tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         run_config(tmp_path / "run", *overrides)
@@ -393,3 +407,38 @@ def test_own_copy_sampler_follows_the_learner_only_after_sync():
     assert torch.equal(synced.behaviour_logprobs, moved.behaviour_logprobs), \
         float((synced.behaviour_logprobs - moved.behaviour_logprobs).abs().max())
     assert torch.equal(own.sample(ids, greedy=True).tokens, shared.sample(ids, greedy=True).tokens)
+
+
+def test_bf16_sampler_samples_from_a_bf16_copy_that_follows_the_learner():
+    """sampling.dtype=bfloat16: the sampler decodes a bf16 copy of the learner's weights (through
+    the lean decoder, attention in fp32), its log-probs are that copy's own forward's and near the
+    fp32 model's; sync_weights brings the copy to the learner's new weights; the learner's model
+    stays fp32 and trainable."""
+    from opd.sampler.decoder import LeanDecoder
+    from opd.teacher.hf import HFTeacher
+
+    model, tok = tiny(hidden=32, seed=4, init_std=0.2)
+    ids = chat_ids(tok, PROMPTS[:3])
+    cfg = SamplingConfig(samples_per_prompt=2, max_new_tokens=12)
+    assert HFSampler(model, tok, cfg, dtype=torch.float32).model is model  # its own dtype: shared
+    bf16 = HFSampler(model, tok, cfg, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and all(p.requires_grad for p in model.parameters())
+
+    r = bf16.sample(ids, seed=3)
+    assert bf16.decoder_class is LeanDecoder, bf16.lean_unsupported
+    mask = r.completion_mask.bool()
+    own_forward = HFTeacher(copy.deepcopy(bf16.model), tok, chunk_size=8).score(r).logprobs
+    fp32_forward = HFTeacher(copy.deepcopy(model), tok, chunk_size=8).score(r).logprobs
+    # the model's own bf16 forward attends in bf16, the decoder in fp32: within bf16's rounding
+    assert float((own_forward - r.behaviour_logprobs)[mask].abs().max()) < 0.1
+    mismatch = (fp32_forward - r.behaviour_logprobs)[mask].abs()
+    assert 0 < float(mismatch.mean()) < 0.03 and float(mismatch.max()) < 0.2
+
+    with torch.no_grad():  # the learner's update
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    assert not torch.equal(bf16.model.lm_head.weight, model.lm_head.weight.bfloat16())
+    bf16.sync_weights()
+    for mine, learners in zip(bf16.model.parameters(), model.parameters()):
+        assert mine.dtype == torch.bfloat16 and torch.equal(mine, learners.bfloat16())

@@ -17,11 +17,14 @@ FP32_ATTENTION = "opd_sdpa_fp32"
 
 
 def _sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention with autocast off and its inputs in fp32."""
+    """transformers' SDPA attention with autocast off and its inputs in fp32; its output in the
+    query's dtype (bf16 under autocast, or in the sampler's bf16 copy of the model)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     with torch.autocast(query.device.type, enabled=False):
-        return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              **kwargs)
+    return out.to(query.dtype), weights
 
 
 def _register_fp32_attention() -> None:

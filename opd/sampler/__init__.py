@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opd.models import eos_token_ids
+from opd.models import DTYPES, eos_token_ids
 from opd.sampler.hf import HFSampler
 
 
@@ -13,7 +13,8 @@ def build_sampler(cfg, learner, tokenizer, model, run_dir: Path):
     from opd.sampler.vllm import VLLMSampler, VLLMServerSampler
 
     if cfg.sampling.backend == "hf":
-        return HFSampler(model, tokenizer, cfg.sampling, own_copy=cfg.train.max_staleness > 0)
+        return HFSampler(model, tokenizer, cfg.sampling, own_copy=cfg.train.max_staleness > 0,
+                         dtype=DTYPES[cfg.sampling.dtype] if cfg.sampling.dtype else None)
     eos_ids = eos_token_ids(model, tokenizer)
 
     def export(directory: Path) -> None:

@@ -107,12 +107,15 @@ class LeanDecoder:
         total = width + max_new
         weight = self.decoder.embed_tokens.weight
         self.dtype, device = weight.dtype, weight.device
+        # A bf16 model attends in fp32 on a CPU: PyTorch's bf16 attention there runs several times
+        # slower than its fp32 one (measured: 0.64-0.75 vs 0.15-0.18 ms for a decode step of 32 rows).
+        self.attention_dtype = torch.float32 if device.type == "cpu" else self.dtype
         # the rotary table of every position the completion can reach, once
         cos, sin = self.decoder.rotary_emb(weight[:1], torch.arange(total, device=device)[None])
-        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+        self.cos, self.sin = cos[0].to(self.attention_dtype), sin[0].to(self.attention_dtype)
         shape = (batch, self.kv_heads, total, self.head_dim)
-        self.keys = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.decoder.layers]
-        self.values = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in self.decoder.layers]
+        self.keys = [torch.zeros(shape, dtype=self.attention_dtype, device=device) for _ in self.decoder.layers]
+        self.values = [torch.zeros(shape, dtype=self.attention_dtype, device=device) for _ in self.decoder.layers]
         # which cache columns hold a real token (left padding never does)
         self.valid = torch.zeros(batch, total, dtype=torch.bool, device=device)
         self.valid[:, :width] = mask.bool()
@@ -147,12 +150,13 @@ class LeanDecoder:
             v = attn.v_proj(x).view(batch, new, self.kv_heads, self.head_dim).transpose(1, 2)
             if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before the rotation
                 q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
+            q, k = q.to(self.attention_dtype), k.to(self.attention_dtype)
             keys[:, :, start:self.length] = _rotate(k, cos, sin)
             values[:, :, start:self.length] = v
             out = F.scaled_dot_product_attention(_rotate(q, cos, sin), keys[:, :, :self.length],
                                                  values[:, :, :self.length], attn_mask=allowed, scale=attn.scaling,
                                                  enable_gqa=self.kv_heads != self.heads)
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, new, -1))
+            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, new, -1).to(self.dtype))
             x = _rms_norm(layer.post_attention_layernorm, hidden)
             mlp = layer.mlp
             hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))

@@ -61,14 +61,19 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 
 class HFSampler:
     """The student's sampler in process (`opd.roles.Sampler`). By default it shares the learner's
-    model, so the weights it samples from are always the learner's current ones. With
-    `own_copy=True` (one-step-off sampling, train.max_staleness=1) it samples from a copy of the
-    model, which `sync_weights` updates, so that the next batch can be sampled while the learner
-    changes its weights."""
+    model, so the weights it samples from are always the learner's current ones. It samples from a
+    copy of the model, which `sync_weights` updates after every step, with `own_copy=True`
+    (one-step-off sampling, train.max_staleness=1: the next batch is sampled while the learner
+    changes its weights) or a `dtype` other than the model's (sampling.dtype=bfloat16)."""
 
-    def __init__(self, model, tokenizer, cfg: SamplingConfig, own_copy: bool = False):
+    def __init__(self, model, tokenizer, cfg: SamplingConfig, own_copy: bool = False,
+                 dtype: torch.dtype | None = None):
         self.learner_model = model
-        self.model = copy.deepcopy(model) if own_copy else model
+        if dtype == next(model.parameters()).dtype:
+            dtype = None
+        self.model = copy.deepcopy(model) if own_copy or dtype is not None else model
+        if dtype is not None:
+            self.model.to(dtype)
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.eos_ids = eos_token_ids(model, tokenizer)
