@@ -27,11 +27,12 @@ Systems: TRL; `opd` (the same objective and precision as TRL, opd's defaults); t
 the vLLM sampler in fp32 and bf16, the in-process sampler on a bf16 copy of the student, a bf16
 teacher, the learner's products in bf16 (autocast, fp32 weights and optimizer), one-step-off
 sampling, micro-batches of 8), each alone on top of `opd`; `opd best`, the levers kept, together.
-Round 1 is the lever round: TRL, opd, each lever of the pair, then opd best = opd + the levers that
-this round showed worth keeping (choose_best: a speed lever >= 3% more tokens/s than opd, a memory
-lever >= 5% less peak RSS at most 10% slower; of the ways to sample, the fastest; `--best` fixes
-the list instead). Rounds 2..R run TRL and opd best (and opd on the small pairs) in rotated order.
-Every run is a fresh process; ratios are taken within a round, so
+Round 1 is the lever round: TRL, opd, each lever of the pair (on the small pairs, each followed by
+opd again, and judged against the mean of the opd runs beside it: the machine drifts), then opd
+best = opd + the levers that this round showed worth keeping (choose_best: a speed lever >= 3% more
+tokens/s than opd, a memory lever >= 5% less peak RSS at most 10% slower; of the ways to sample,
+the fastest; `--best` fixes the list instead). Rounds 2..R run TRL and opd best (and opd on the
+small pairs) in rotated order. Every run is a fresh process; ratios are taken within a round, so
 drift in this shared machine's speed hits the systems of a round alike.
 
 Measured per run: s/step (each optimizer step's wall time: sampling, teacher scoring, loss,
@@ -97,13 +98,14 @@ LEVERS = {
 EXCLUSIVE = [{"vLLM sampler", "vLLM sampler bf16", "sampler bf16"}]  # ways to sample: the fastest is kept
 
 
-def choose_best(result: dict, levers: list[str]) -> list[str]:
-    """The levers that the lever round showed worth keeping, against `opd` in the same round: a
-    speed lever at least 3% more tokens/s; a memory lever at least 5% less peak RSS for at most 10%
-    fewer tokens/s (it is there for memory). Of two exclusive levers, the faster."""
-    base = result["opd"]
-    speed = {x: result[x]["tokens_per_s"] / base["tokens_per_s"] for x in levers}
-    memory = {x: result[x]["rss_mib"] / base["rss_mib"] for x in levers}
+def choose_best(result: dict, levers: list[str], baselines: dict | None = None) -> list[str]:
+    """The levers that the lever round showed worth keeping, against `opd` in the same round (or,
+    per lever, `baselines[lever]`: the opd runs beside it): a speed lever at least 3% more
+    tokens/s; a memory lever at least 5% less peak RSS for at most 10% fewer tokens/s (it is there
+    for memory). Of two exclusive levers, the faster."""
+    base = {x: (baselines or {}).get(x, result["opd"]) for x in levers}
+    speed = {x: result[x]["tokens_per_s"] / base[x]["tokens_per_s"] for x in levers}
+    memory = {x: result[x]["rss_mib"] / base[x]["rss_mib"] for x in levers}
     kept = [x for x in levers if (LEVERS[x][2] == "speed" and speed[x] >= 1.03)
             or (LEVERS[x][2] == "memory" and memory[x] <= 0.95 and speed[x] >= 0.90)]
     for group in EXCLUSIVE:
@@ -292,8 +294,10 @@ def spread(values: list[float]) -> str:
         else f"{values[0]:.2f}"
 
 
-def pair_section(name: str, rounds: list[dict], peak: dict, dirs: dict, best: list[str]) -> tuple[list[str], dict]:
-    """The pair's table and its opd/TRL ratios (per system: tokens/s and RSS ratios of each round)."""
+def pair_section(name: str, rounds: list[dict], peak: dict, dirs: dict, best: list[str],
+                 beside: dict) -> tuple[list[str], dict]:
+    """The pair's table and its opd/TRL ratios (per system: tokens/s and RSS ratios of each round);
+    `beside`: the lever round's opd runs and each lever's baseline, where opd ran beside each."""
     systems = []
     for r in rounds:
         systems += [s for s in r if s not in systems]
@@ -319,6 +323,13 @@ def pair_section(name: str, rounds: list[dict], peak: dict, dirs: dict, best: li
             f"| {statistics.median(x['rss_mib'] for x in runs):,.0f} "
             f"| {statistics.mean(x['kl_first'] for x in runs):.4f} → {statistics.mean(x['kl_last'] for x in runs):.4f} "
             f"| {spread(speed) if system != 'TRL' else '1'} | {spread(memory) if system != 'TRL' else '1'} | {achieved} |")
+    if beside.get("baselines"):
+        lines += ["", "Lever round, each lever against the mean of the opd runs before and after it (opd's runs: "
+                  + ", ".join(f"{x['tokens_per_s']:,.0f}" for x in beside["opd runs"]) + " tokens/s; the table's opd "
+                  "row is their median): "
+                  + "; ".join(f"{x} {rounds[0][x]['tokens_per_s'] / b['tokens_per_s']:.2f}× tokens/s, "
+                              f"{rounds[0][x]['rss_mib'] / b['rss_mib']:.2f}× RSS" for x, b in beside["baselines"].items())
+                  + "."]
     return lines, ratios
 
 
@@ -381,15 +392,27 @@ def main() -> None:
                   f"({time.monotonic() - t:.0f} s)", flush=True)
             return summary
 
-        rounds = []
+        rounds, beside = [], {}
         for r in range(args.rounds):
             results = {}
             if r == 0:  # the lever round: TRL, opd, each lever alone; then opd best, chosen from them
-                for system in ["TRL", "opd"] + levers:
-                    results[system] = run(system, [])
+                results["TRL"] = run("TRL", [])
+                # Where opd's runs are short, one after each lever too, and each lever is judged
+                # against the mean of the opd runs on either side of it: this machine's speed drifts by
+                # a third within minutes, which one opd run at the start reads as the levers' doing.
+                opd_runs = [run("opd", [])]
+                results["opd"], baselines = opd_runs[0], {}  # the table's order: TRL, opd, the levers
+                for lever in levers:
+                    results[lever] = run(lever, [])
+                    if pair["opd_every_round"]:
+                        opd_runs.append(run("opd", []))
+                        baselines[lever] = {key: statistics.mean([opd_runs[-2][key], opd_runs[-1][key]])
+                                            for key in ("tokens_per_s", "rss_mib")}
+                results["opd"] = sorted(opd_runs, key=lambda x: x["tokens_per_s"])[len(opd_runs) // 2]  # the median
                 if best is None:
-                    best = choose_best(results, levers)
+                    best = choose_best(results, levers, baselines)
                     print(f"[{name}] opd best = opd + {' + '.join(best) or 'nothing'}", flush=True)
+                beside = {"baselines": baselines, "opd runs": opd_runs}
                 results["opd best"] = run("opd best", best)
             else:
                 systems = ["TRL", "opd best"] + (["opd"] if pair["opd_every_round"] else [])
@@ -398,7 +421,7 @@ def main() -> None:
             trl_version = results["TRL"]["trl_version"] or trl_version
             rounds.append(results)
             bests[name] = best
-            lines, all_ratios[name] = pair_section(name, rounds, peaks[0], dirs, best)
+            lines, all_ratios[name] = pair_section(name, rounds, peaks[0], dirs, best, beside)
             # after every round, so that a run stopped early keeps what it measured
             write_report(args, started, load_before, None, peaks, trl_version, sections + lines + [""], all_ratios,
                          bests)
