@@ -30,8 +30,8 @@ sampling, micro-batches of 8), each alone on top of `opd`; `opd best`, the lever
 Round 1 is the lever round: TRL, opd, each lever of the pair (on the small pairs, each followed by
 opd again, and judged against the mean of the opd runs beside it: the machine drifts), then opd
 best = opd + the levers that this round showed worth keeping (choose_best: a speed lever >= 3% more
-tokens/s than opd, a memory lever >= 5% less peak RSS at most 10% slower; of the ways to sample,
-the fastest; `--best` fixes the list instead). Rounds 2..R run TRL and opd best (and opd on the
+tokens/s than opd and its tokens/s ratio >= its peak RSS ratio, a memory lever >= 5% less peak RSS
+at most 10% slower; of the ways to sample, the fastest; `--best` fixes the list instead). Rounds 2..R run TRL and opd best (and opd on the
 small pairs) in rotated order. Every run is a fresh process; ratios are taken within a round, so
 drift in this shared machine's speed hits the systems of a round alike.
 
@@ -101,12 +101,14 @@ EXCLUSIVE = [{"vLLM sampler", "vLLM sampler bf16", "sampler bf16"}]  # ways to s
 def choose_best(result: dict, levers: list[str], baselines: dict | None = None) -> list[str]:
     """The levers that the lever round showed worth keeping, against `opd` in the same round (or,
     per lever, `baselines[lever]`: the opd runs beside it): a speed lever at least 3% more
-    tokens/s; a memory lever at least 5% less peak RSS for at most 10% fewer tokens/s (it is there
-    for memory). Of two exclusive levers, the faster."""
+    tokens/s, and not bought with proportionally more memory (its tokens/s ratio at least its peak
+    RSS ratio: a vLLM engine's fixed ~1.4 GB beside a 5M student is not worth 10% more speed, beside
+    SmolLM2 it is); a memory lever at least 5% less peak RSS for at most 10% fewer tokens/s (it is
+    there for memory). Of two exclusive levers, the faster."""
     base = {x: (baselines or {}).get(x, result["opd"]) for x in levers}
     speed = {x: result[x]["tokens_per_s"] / base[x]["tokens_per_s"] for x in levers}
     memory = {x: result[x]["rss_mib"] / base[x]["rss_mib"] for x in levers}
-    kept = [x for x in levers if (LEVERS[x][2] == "speed" and speed[x] >= 1.03)
+    kept = [x for x in levers if (LEVERS[x][2] == "speed" and speed[x] >= 1.03 and speed[x] >= memory[x])
             or (LEVERS[x][2] == "memory" and memory[x] <= 0.95 and speed[x] >= 0.90)]
     for group in EXCLUSIVE:
         both = [x for x in kept if x in group]

@@ -141,6 +141,50 @@ def test_lean_decoder_samples_what_the_models_own_forward_samples():
         torch.testing.assert_close(rescored.logprobs, lean.behaviour_logprobs, atol=2e-4, rtol=1e-4, msg=name)
 
 
+def test_lean_decoder_in_bf16_joins_and_packs_the_plain_products():
+    """In bf16 on a CPU the lean decoder applies q/k/v and gate/up as one product each, with the
+    weight packed for oneDNN: the joined product equals the modules' own outputs side by side
+    (biases included), LoRA modules are still called one by one, and the decoder reproduces the
+    bf16 model's forward on every architecture it accepts."""
+    from opd.sampler.decoder import LeanDecoder, choose_decoder
+
+    _, tok = tiny()
+    for name, model in _architectures(tok).items():
+        model = model.to(torch.bfloat16).eval()
+        decoder_class, why = choose_decoder(model, len(tok))
+        assert decoder_class is LeanDecoder, (name, why)
+        ids = torch.tensor([[5, 6, 7, 8]])
+        decoder = LeanDecoder(model, ids, torch.ones_like(ids), 2)
+        layer = decoder.decoder.layers[0]
+        qkv, _, gate_up, _ = decoder.products[0]
+        x = torch.randn(3, 1, model.config.hidden_size, dtype=torch.bfloat16)
+        attn = layer.self_attn
+        expected = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+        torch.testing.assert_close(qkv(x), expected, msg=name)
+        torch.testing.assert_close(gate_up(x), torch.cat([layer.mlp.gate_proj(x), layer.mlp.up_proj(x)], -1), msg=name)
+        assert (qkv.weight is None) == (name == "llama+lora"), name  # LoRA's q/v are not plain Linears
+        assert gate_up.weight is not None, name
+
+
+def test_one_new_tokens_attention_equals_sdpa_with_grouped_heads_and_padding():
+    """The decode step's attention (two products and a softmax) equals PyTorch's SDPA, with fewer
+    key-value heads than query heads and left-padded cache columns masked out."""
+    from opd.sampler.decoder import attend_one_token
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 3, 4, 2, 7, 8
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[1, :3] = False  # left padding
+    bias = torch.zeros(batch, 1, 1, length).masked_fill(~valid[:, None, None], float("-inf"))
+    q = torch.randn(batch, heads, 1, dim)
+    keys, values = torch.randn(batch, kv_heads, length, dim), torch.randn(batch, kv_heads, length, dim)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=valid[:, None, None],
+                                                                scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(attend_one_token(q, keys, values, bias, 0.3), expected)
+    keys[1, :, :3] = 1e4  # what the padded columns hold does not matter
+    torch.testing.assert_close(attend_one_token(q, keys, values, bias, 0.3), expected)
+
+
 def test_other_architectures_sample_through_their_own_forward():
     """A decoder LeanDecoder does not know (GPT-2 here) samples through the model's forward, and
     the sampler says why."""

@@ -1,0 +1,40 @@
+"""benchmarks/vs_trl.py's choice of the levers that make up `opd best`."""
+
+import importlib.util
+from pathlib import Path
+
+BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "vs_trl.py"
+
+
+def _vs_trl():
+    spec = importlib.util.spec_from_file_location("vs_trl", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _round(**levers):
+    """A lever round: opd at 1000 tokens/s and 900 MiB, each lever at (speed, memory) times that."""
+    result = {"opd": {"tokens_per_s": 1000.0, "rss_mib": 900.0}}
+    result.update({name: {"tokens_per_s": 1000.0 * speed, "rss_mib": 900.0 * memory}
+                   for name, (speed, memory) in levers.items()})
+    return result
+
+
+def test_a_speed_lever_that_costs_more_memory_than_it_gains_speed_is_not_kept():
+    vs_trl = _vs_trl()
+    # the small pair: vLLM's engine is 9% faster for 2.5x the memory; the bf16 copy is lean
+    small = _round(**{"vLLM sampler bf16": (1.09, 2.49), "sampler bf16": (1.15, 1.01), "teacher bf16": (1.31, 0.99),
+                      "max_staleness 1": (0.99, 1.05), "micro-batch 8": (0.97, 0.74)})
+    assert vs_trl.choose_best(small, list(small)[1:]) == ["sampler bf16", "teacher bf16", "micro-batch 8"]
+    # SmolLM2: the engine's memory is a smaller share, its speed a larger gain: it is kept, the faster way to sample
+    smollm2 = _round(**{"vLLM sampler bf16": (1.30, 1.21), "sampler bf16": (1.05, 1.0)})
+    assert vs_trl.choose_best(smollm2, list(smollm2)[1:]) == ["vLLM sampler bf16"]
+
+
+def test_each_lever_is_judged_against_its_own_baseline():
+    vs_trl = _vs_trl()
+    result = _round(**{"teacher bf16": (1.10, 1.0)})
+    faster_neighbours = {"teacher bf16": {"tokens_per_s": 1200.0, "rss_mib": 900.0}}  # opd ran faster beside it
+    assert vs_trl.choose_best(result, ["teacher bf16"]) == ["teacher bf16"]
+    assert vs_trl.choose_best(result, ["teacher bf16"], faster_neighbours) == []
