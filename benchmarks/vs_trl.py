@@ -29,9 +29,9 @@ teacher, the learner's products in bf16 (autocast, fp32 weights and optimizer), 
 sampling, micro-batches of 8), each alone on top of `opd`; `opd best`, the levers kept, together.
 Round 1 is the lever round: TRL, opd, each lever of the pair (on the small pairs, each followed by
 opd again, and judged against the mean of the opd runs beside it: the machine drifts), then opd
-best = opd + the levers that this round showed worth keeping (choose_best: a speed lever >= 3% more
-tokens/s than opd and its tokens/s ratio >= its peak RSS ratio, a memory lever >= 5% less peak RSS
-at most 10% slower; of the ways to sample, the fastest; `--best` fixes the list instead). Rounds 2..R run TRL and opd best (and opd on the
+best = opd + the levers that this round showed worth keeping (choose_best: none may lower tokens/s
+per MiB of peak RSS; a speed lever >= 3% more tokens/s than opd, a memory lever >= 5% less peak
+RSS; of the ways to sample, the fastest; `--best` fixes the list instead). Rounds 2..R run TRL and opd best (and opd on the
 small pairs) in rotated order. Every run is a fresh process; ratios are taken within a round, so
 drift in this shared machine's speed hits the systems of a round alike.
 
@@ -100,16 +100,17 @@ EXCLUSIVE = [{"vLLM sampler", "vLLM sampler bf16", "sampler bf16"}]  # ways to s
 
 def choose_best(result: dict, levers: list[str], baselines: dict | None = None) -> list[str]:
     """The levers that the lever round showed worth keeping, against `opd` in the same round (or,
-    per lever, `baselines[lever]`: the opd runs beside it): a speed lever at least 3% more
-    tokens/s, and not bought with proportionally more memory (its tokens/s ratio at least its peak
-    RSS ratio: a vLLM engine's fixed ~1.4 GB beside a 5M student is not worth 10% more speed, beside
-    SmolLM2 it is); a memory lever at least 5% less peak RSS for at most 10% fewer tokens/s (it is
-    there for memory). Of two exclusive levers, the faster."""
+    per lever, `baselines[lever]`: the opd runs beside it). Each must deliver what it is for and
+    not lose tokens/s per MiB of peak RSS: a speed lever at least 3% more tokens/s, its tokens/s
+    ratio at least its RSS ratio (a vLLM engine's fixed ~1.4 GB beside a 5M student is not worth
+    10% more speed; beside SmolLM2 it is); a memory lever at least 5% less peak RSS, its RSS ratio
+    at most its tokens/s ratio (micro-batches of 8: 27% less memory for 3-14% fewer tokens/s). Of
+    two exclusive levers, the faster."""
     base = {x: (baselines or {}).get(x, result["opd"]) for x in levers}
     speed = {x: result[x]["tokens_per_s"] / base[x]["tokens_per_s"] for x in levers}
     memory = {x: result[x]["rss_mib"] / base[x]["rss_mib"] for x in levers}
-    kept = [x for x in levers if (LEVERS[x][2] == "speed" and speed[x] >= 1.03 and speed[x] >= memory[x])
-            or (LEVERS[x][2] == "memory" and memory[x] <= 0.95 and speed[x] >= 0.90)]
+    kept = [x for x in levers if speed[x] >= memory[x] and (
+        (LEVERS[x][2] == "speed" and speed[x] >= 1.03) or (LEVERS[x][2] == "memory" and memory[x] <= 0.95))]
     for group in EXCLUSIVE:
         both = [x for x in kept if x in group]
         for slower in sorted(both, key=speed.get)[:-1]:

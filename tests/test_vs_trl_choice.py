@@ -21,12 +21,16 @@ def _round(**levers):
     return result
 
 
-def test_a_speed_lever_that_costs_more_memory_than_it_gains_speed_is_not_kept():
+def test_a_lever_is_kept_only_if_it_does_not_lower_tokens_per_s_per_mib():
     vs_trl = _vs_trl()
-    # the small pair: vLLM's engine is 9% faster for 2.5x the memory; the bf16 copy is lean
+    # the small pair: vLLM's engine is 9% faster for 2.5x the memory; the bf16 copy is lean;
+    # micro-batches cost 14% of the speed for 27% of the memory
     small = _round(**{"vLLM sampler bf16": (1.09, 2.49), "sampler bf16": (1.15, 1.01), "teacher bf16": (1.31, 0.99),
-                      "max_staleness 1": (0.99, 1.05), "micro-batch 8": (0.97, 0.74)})
+                      "max_staleness 1": (0.99, 1.05), "micro-batch 8": (0.86, 0.73)})
     assert vs_trl.choose_best(small, list(small)[1:]) == ["sampler bf16", "teacher bf16", "micro-batch 8"]
+    # a speed lever that is not faster, or a memory lever that costs more speed than it saves memory
+    assert vs_trl.choose_best(_round(**{"max_staleness 1": (1.02, 0.9), "micro-batch 8": (0.80, 0.85)}),
+                              ["max_staleness 1", "micro-batch 8"]) == []
     # SmolLM2: the engine's memory is a smaller share, its speed a larger gain: it is kept, the faster way to sample
     smollm2 = _round(**{"vLLM sampler bf16": (1.30, 1.21), "sampler bf16": (1.05, 1.0)})
     assert vs_trl.choose_best(smollm2, list(smollm2)[1:]) == ["vLLM sampler bf16"]
