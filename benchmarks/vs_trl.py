@@ -31,9 +31,9 @@ Round 1 is the lever round: TRL, opd, each lever of the pair (on the small pairs
 opd again, and judged against the mean of the opd runs beside it: the machine drifts), then opd
 best = opd + the levers that this round showed worth keeping (choose_best: none may lower tokens/s
 per MiB of peak RSS; a speed lever >= 3% more tokens/s than opd, a memory lever >= 5% less peak
-RSS; of the ways to sample, the fastest; `--best` fixes the list instead). Rounds 2..R run TRL and opd best (and opd on the
-small pairs) in rotated order. Every run is a fresh process; ratios are taken within a round, so
-drift in this shared machine's speed hits the systems of a round alike.
+RSS; of the ways to sample, the fastest; `--best` fixes the list instead). Rounds 2..R run TRL and
+opd best (and opd on the small pairs) in rotated order. Every run is a fresh process; ratios are
+taken within a round, so drift in this shared machine's speed hits the systems of a round alike.
 
 Measured per run: s/step (each optimizer step's wall time: sampling, teacher scoring, loss,
 backward, optimizer; TRL: on_step_begin -> on_step_end; opd: sample_s + score_s + train_s from

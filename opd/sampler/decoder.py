@@ -12,7 +12,7 @@ next-token logits, B x V in fp32):
   product each; queries and keys rotated together; one token's attention as two products).
 * `HFDecoder`: the model's own forward with a transformers cache; any architecture.
 
-`decoder_for` picks the lean one when the model has the expected structure and reproduces the
+`choose_decoder` picks the lean one when the model has the expected structure and reproduces the
 model's own logits on a small input; otherwise the generic one.
 """
 
@@ -153,12 +153,10 @@ class LeanDecoder:
         shape = (batch, self.kv_heads, total, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=self.attention_dtype, device=device) for _ in self.decoder.layers]
         self.values = [torch.zeros(shape, dtype=self.attention_dtype, device=device) for _ in self.decoder.layers]
-        # which cache columns hold a real token (left padding never does), and the same as a bias
-        # added to the attention scores of a new token
-        self.valid = torch.zeros(batch, total, dtype=torch.bool, device=device)
-        self.valid[:, :width] = mask.bool()
-        self.bias = torch.zeros(batch, 1, 1, total, dtype=self.attention_dtype, device=device)
-        self.bias.masked_fill_(~self.valid[:, None, None], float("-inf"))
+        # added to a new token's attention scores: -inf on the cache columns that hold no real token
+        # (left padding, and the columns not yet filled), 0 on the others
+        self.bias = torch.full((batch, 1, 1, total), float("-inf"), dtype=self.attention_dtype, device=device)
+        self.bias[..., :width].masked_fill_(mask.bool()[:, None, None], 0.0)
         self.length = 0  # cache columns filled
         self.next_position = mask.sum(-1, keepdim=True)
         self.products = [(_Products([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], batch),
@@ -170,13 +168,12 @@ class LeanDecoder:
         width = self.tokens.shape[1]
         causal = torch.ones(width, width, dtype=torch.bool, device=self.tokens.device).tril()
         # a padding position attends to itself only: never to nothing (that would be NaN)
-        allowed = (causal & self.valid[:, None, None, :width]) | torch.eye(width, dtype=torch.bool,
-                                                                         device=self.tokens.device)
+        allowed = (causal & self.mask.bool()[:, None, None]) | torch.eye(width, dtype=torch.bool,
+                                                                       device=self.tokens.device)
         return self._forward(self.tokens, position_ids(self.mask), allowed)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        self.valid[:, self.length] = True
-        self.bias[..., self.length] = 0
+        self.bias[..., self.length] = 0  # the new token's own column
         logits = self._forward(token[:, None], self.next_position, None)
         self.next_position = self.next_position + 1
         return logits
