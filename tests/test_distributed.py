@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "distributed_worker.py"
 # A random teacher (no pretraining in every fresh process) and a small evaluation set.
 QUICK = ["teacher.tiny.pretrain_steps=0", "data.eval_holdout=4"]
-TIMING_KEYS = {"sample_s", "score_s", "train_s", "wall_s_total", "sample_s_total", "score_s_total", "train_s_total",
+TIMING_KEYS = {"sample_s", "score_s", "train_s", "sync_s", "wall_s_total", "sample_s_total", "score_s_total", "train_s_total",
                "eval_s_total"}
 
 

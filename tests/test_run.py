@@ -15,7 +15,7 @@ from opd.learner import checkpoint as ckpt
 from opd.loop import train
 from opd.run_dir import RunDirectoryError
 
-TIMING_KEYS = {"sample_s", "score_s", "train_s", "wall_s_total", "sample_s_total", "score_s_total", "train_s_total",
+TIMING_KEYS = {"sample_s", "score_s", "train_s", "sync_s", "wall_s_total", "sample_s_total", "score_s_total", "train_s_total",
                "eval_s_total"}
 
 

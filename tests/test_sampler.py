@@ -225,3 +225,22 @@ def test_draw_follows_the_probabilities_and_never_draws_a_zero():
     assert counts[1] == 0 and counts[4] == 0
     # binomial standard error at n=40000 is at most 0.0025; allow 4 of them
     torch.testing.assert_close(counts, probs[0], atol=0.01, rtol=0)
+
+
+def test_a_bf16_model_is_verified_in_fp32_and_given_back_unchanged(monkeypatch):
+    """choose_decoder checks the lean forward of a bf16 model on a CPU in fp32 (in bf16 a model
+    with massive activations is too ill-conditioned for any tolerance), then restores every
+    parameter to its own dtype and bits."""
+    from opd.sampler import decoder
+
+    model, tok = tiny(hidden=32, seed=4, init_std=0.2)
+    model = model.to(torch.bfloat16).eval()
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    checked = []
+    verify = decoder.lean_matches
+    monkeypatch.setattr(decoder, "lean_matches", lambda m, v: checked.append(
+        {p.dtype for p in m.parameters()}) or verify(m, v))
+    assert decoder.choose_decoder(model, len(tok)) == (decoder.LeanDecoder, None)
+    assert checked == [{torch.float32}]
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, before[name]), name

@@ -21,7 +21,7 @@ from opd.sampler.hf import HFSampler
 
 PROMPTS = ["Describe the garden in a few words.", "Hi", "Write one sentence about the winter sea, please, now.",
            "Give three facts."]
-TIMING_KEYS = {"sample_s", "score_s", "train_s", "wall_s_total", "sample_s_total", "score_s_total", "train_s_total",
+TIMING_KEYS = {"sample_s", "score_s", "train_s", "sync_s", "wall_s_total", "sample_s_total", "score_s_total", "train_s_total",
                "eval_s_total"}
 
 
@@ -442,3 +442,43 @@ def test_bf16_sampler_samples_from_a_bf16_copy_that_follows_the_learner():
     bf16.sync_weights()
     for mine, learners in zip(bf16.model.parameters(), model.parameters()):
         assert mine.dtype == torch.bfloat16 and torch.equal(mine, learners.bfloat16())
+
+
+def test_a_lora_students_own_copy_is_the_merged_policy_and_follows_the_adapter():
+    """Under LoRA the sampler's own copy is a plain model with the adapter merged (W + s B A): no
+    LoRA modules, so the lean decoder joins its products; it samples what the LoRA model samples,
+    and after the adapter moves, sync_weights brings the merged weights along. The learner's
+    model keeps its adapter, trainable."""
+    from opd.models import apply_lora, merged_weights
+    from opd.sampler.decoder import LeanDecoder
+
+    base, tok = tiny(hidden=32, seed=4, init_std=0.2)
+    model = apply_lora(base, LoraConfig(rank=4, alpha=8.0))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+
+    def move_adapter(scale):
+        with torch.no_grad():
+            for p in lora_b:
+                p.add_(scale * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+
+    move_adapter(0.3)  # a trained adapter: the merge is not the base
+    ids = chat_ids(tok, PROMPTS[:3])
+    cfg = SamplingConfig(samples_per_prompt=2, max_new_tokens=10)
+    own, shared = HFSampler(model, tok, cfg, own_copy=True), HFSampler(model, tok, cfg)
+    assert not any("lora" in name for name, _ in own.model.named_modules())
+    assert any("lora" in name for name, _ in model.named_modules()) and all(p.requires_grad for p in lora_b)
+
+    def same_samples():
+        mine, theirs = own.sample(ids, seed=5), shared.sample(ids, seed=5)
+        assert own.decoder_class is LeanDecoder, own.lean_unsupported
+        assert torch.equal(mine.tokens, theirs.tokens)
+        torch.testing.assert_close(mine.behaviour_logprobs, theirs.behaviour_logprobs, atol=1e-5, rtol=1e-5)
+        return mine
+
+    before = same_samples()
+    move_adapter(0.5)
+    assert not torch.equal(shared.sample(ids, seed=5).behaviour_logprobs, before.behaviour_logprobs)
+    own.sync_weights()
+    same_samples()
+    for name, tensor in merged_weights(model).items():
+        torch.testing.assert_close(own.model.state_dict()[name], tensor, msg=name)

@@ -42,3 +42,20 @@ def test_each_lever_is_judged_against_its_own_baseline():
     faster_neighbours = {"teacher bf16": {"tokens_per_s": 1200.0, "rss_mib": 900.0}}  # opd ran faster beside it
     assert vs_trl.choose_best(result, ["teacher bf16"]) == ["teacher bf16"]
     assert vs_trl.choose_best(result, ["teacher bf16"], faster_neighbours) == []
+
+
+def test_a_lever_is_judged_on_the_phase_it_changes():
+    """A run of minutes drifts in every phase: the bf16 teacher's run halved the scoring while its
+    sampling and update ran slower, and must still be kept; a lever that overlaps phases is
+    judged on the whole step."""
+    vs_trl = _vs_trl()
+
+    def run(sample, score, learn, tokens=2000.0):
+        return {"tokens_per_s": tokens / (sample + score + learn), "rss_mib": 9000.0,
+                "phases": {"sample": sample / tokens, "score": score / tokens, "learn": learn / tokens}}
+
+    result = {"opd": run(17.0, 6.9, 18.3), "teacher bf16": run(18.5, 3.4, 19.9),
+              "max_staleness 1": run(18.5, 3.4, 19.9)}
+    assert result["teacher bf16"]["tokens_per_s"] / result["opd"]["tokens_per_s"] < 1.03  # the whole step: no gain
+    assert abs(vs_trl.judged_speed(result["teacher bf16"], result["opd"], "score") - 42.2 / 38.7) < 1e-9
+    assert vs_trl.choose_best(result, ["teacher bf16", "max_staleness 1"]) == ["teacher bf16"]

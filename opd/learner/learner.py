@@ -24,7 +24,7 @@ from opd.losses.chunked import divergence_sum, token_divergence, token_logprobs,
 from opd.losses.cross_entropy import completion_cross_entropy
 from opd.losses.policy_gradient import policy_gradient_loss
 from opd.losses.topk import token_topk_forward_kl
-from opd.models import LogitsHead
+from opd.models import LogitsHead, merged_weights
 from opd.roles import TeacherScores
 from opd.rollouts import Rollouts
 
@@ -236,25 +236,7 @@ class Learner:
         """The policy's weights as a plain Hugging Face checkpoint names them, a LoRA adapter merged
         into its base (W + scale * B @ A) without touching the trained model: what an inference
         engine (the vLLM sampler) loads after each step."""
-        if not hasattr(self.model, "get_base_model"):
-            return {name: tensor.detach() for name, tensor in self.model.state_dict().items()}
-        from peft.tuners.lora import LoraLayer
-
-        base = self.model.get_base_model()
-        merged = {}
-        for name, module in base.named_modules():
-            if isinstance(module, LoraLayer):
-                weight = module.get_base_layer().weight.detach().clone()
-                for adapter in module.active_adapters:
-                    weight += module.get_delta_weight(adapter)
-                merged[f"{name}.weight"] = weight
-        weights = {}
-        for name, tensor in base.state_dict().items():
-            if "lora_" in name:
-                continue
-            name = name.replace(".base_layer.", ".")
-            weights[name] = merged.get(name, tensor.detach())
-        return weights
+        return merged_weights(self.model)
 
     def export_policy(self, directory: Path, tokenizer) -> None:
         """A plain Hugging Face directory of the policy (config, tokenizer, merged weights) for an

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from opd.config import SamplingConfig
-from opd.models import eos_token_ids
+from opd.models import eos_token_ids, merged_weights
 from opd.rollouts import Rollouts
 from opd.sampler.decoder import choose_decoder
 
@@ -64,16 +64,23 @@ class HFSampler:
     model, so the weights it samples from are always the learner's current ones. It samples from a
     copy of the model, which `sync_weights` updates after every step, with `own_copy=True`
     (one-step-off sampling, train.max_staleness=1: the next batch is sampled while the learner
-    changes its weights) or a `dtype` other than the model's (sampling.dtype=bfloat16)."""
+    changes its weights) or a `dtype` other than the model's (sampling.dtype=bfloat16). A LoRA
+    student's copy has its adapter merged into plain linear layers: the same policy, decoded with
+    one product per layer instead of three (W x rather than W x + s B(A x)), which the lean decoder
+    can join and pack in bf16 (SmolLM2-135M under LoRA r16: 12.5 vs 7.5 s for 32 x 64 tokens)."""
 
     def __init__(self, model, tokenizer, cfg: SamplingConfig, own_copy: bool = False,
                  dtype: torch.dtype | None = None):
         self.learner_model = model
         if dtype == next(model.parameters()).dtype:
             dtype = None
-        self.model = copy.deepcopy(model) if own_copy or dtype is not None else model
-        if dtype is not None:
-            self.model.to(dtype)
+        self.model = model
+        if own_copy or dtype is not None:
+            self.model = copy.deepcopy(model)
+            if hasattr(self.model, "merge_and_unload"):  # LoRA (peft)
+                self.model = self.model.merge_and_unload()
+            if dtype is not None:
+                self.model.to(dtype)
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.eos_ids = eos_token_ids(model, tokenizer)
@@ -85,10 +92,10 @@ class HFSampler:
 
     @torch.no_grad()
     def sync_weights(self) -> None:
-        """Copy the learner's weights into the sampler's own copy (nothing to do when shared)."""
+        """Copy the learner's weights (a LoRA adapter merged) into the sampler's own copy, in its
+        dtype; nothing to do when the model is shared."""
         if self.model is not self.learner_model:
-            for mine, learners in zip(self.model.parameters(), self.learner_model.parameters()):
-                mine.copy_(learners)
+            self.model.load_state_dict(merged_weights(self.learner_model))
 
     def close(self) -> None:
         pass
@@ -120,7 +127,7 @@ class HFSampler:
         self.model.eval()
         try:
             new_tokens, logprobs, entropy, lengths, finished = self._decode(prompt_tokens, prompt_mask, max_new, greedy,
-                                                                        generator)
+                                                                        generator, group_size)
         finally:
             self.model.train(was_training)
 
@@ -139,9 +146,10 @@ class HFSampler:
             prompts=list(prompts) if prompts is not None else [],
         )
 
-    def _decode(self, tokens, mask, max_new, greedy=False, generator=None):
+    def _decode(self, tokens, mask, max_new, greedy=False, generator=None, group_size=1):
         """New tokens, their log-probs and entropies (B x steps); each row's length, and whether
-        it ended by EOS or a stop string (rather than by running out of tokens)."""
+        it ended by EOS or a stop string (rather than by running out of tokens). The rows come in
+        groups of `group_size` copies of one prompt."""
         batch = tokens.shape[0]
         device = tokens.device
         eos = torch.tensor(self.eos_ids, device=device)
@@ -151,7 +159,7 @@ class HFSampler:
 
         if self.decoder_class is None:
             self.decoder_class, self.lean_unsupported = choose_decoder(self.model, len(self.tokenizer))
-        decoder = self.decoder_class(self.model, tokens, mask, max_new)
+        decoder = self.decoder_class(self.model, tokens, mask, max_new, group_size)
         logits = decoder.prefill()
         for step in range(max_new):
             logprobs_V = F.log_softmax(logits, -1)
