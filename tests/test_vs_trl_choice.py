@@ -59,3 +59,27 @@ def test_a_lever_is_judged_on_the_phase_it_changes():
     assert result["teacher bf16"]["tokens_per_s"] / result["opd"]["tokens_per_s"] < 1.03  # the whole step: no gain
     assert abs(vs_trl.judged_speed(result["teacher bf16"], result["opd"], "score") - 42.2 / 38.7) < 1e-9
     assert vs_trl.choose_best(result, ["teacher bf16", "max_staleness 1"]) == ["teacher bf16"]
+
+
+def test_an_overlapping_lever_is_judged_again_on_top_of_the_others():
+    """One-step-off sampling gains what the other phases leave idle: it is run with and without,
+    on top of the other kept levers, and dropped when that combination is not faster."""
+    vs_trl = _vs_trl()
+    kept = ["sampler bf16", "teacher bf16", "max_staleness 1"]
+
+    def runs(with_overlap_tokens_per_s):
+        calls = []
+
+        def run(system, levers):
+            calls.append(list(levers))
+            fast = "max_staleness 1" in levers
+            return {"tokens_per_s": with_overlap_tokens_per_s if fast else 1900.0, "rss_mib": 700.0}
+        return run, calls
+
+    run, calls = runs(1500.0)  # slower with it, as measured on the small pair
+    best, sentence = vs_trl.confirm_overlap(kept, run)
+    assert best == ["sampler bf16", "teacher bf16"] and "dropped" in sentence
+    assert calls == [kept[:2], kept] * 2  # alternated, two each
+    run, _ = runs(2100.0)
+    assert vs_trl.confirm_overlap(kept, run)[0] == kept
+    assert vs_trl.confirm_overlap(kept[:2], run) == (kept[:2], "")  # nothing to confirm

@@ -284,18 +284,15 @@ def choose_decoder(model, vocab_size: int):
     why = lean_unsupported(model)
     if why is None:
         was_training = model.training
-        parameters = list(model.parameters())
-        dtypes = [p.dtype for p in parameters]
-        upcast = parameters[0].device.type == "cpu" and any(d != torch.float32 for d in dtypes)
+        upcast = [(p, p.dtype) for p in model.parameters()
+                  if p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16)]
         model.eval()
         try:
-            if upcast:
-                for p in parameters:
-                    p.data = p.data.float()
+            for p, _ in upcast:
+                p.data = p.data.float()
             why = lean_matches(model, vocab_size)
         finally:
-            if upcast:
-                for p, dtype in zip(parameters, dtypes):
-                    p.data = p.data.to(dtype)
+            for p, dtype in upcast:
+                p.data = p.data.to(dtype)
             model.train(was_training)
     return (LeanDecoder, None) if why is None else (HFDecoder, why)
