@@ -35,8 +35,8 @@ taken from opd's run; none may lower tokens/s per MiB of peak RSS; a speed lever
 tokens/s than opd, a memory lever >= 5% less peak RSS; of the ways to sample, the fastest; then
 one-step-off sampling, which overlaps phases, is judged again on top of the other kept levers:
 confirm_overlap; `--best` fixes the list instead). Rounds 2..R run TRL and opd best (and opd on
-the small pairs) in rotated order. Every run is a fresh process; ratios are
-taken within a round, so drift in this shared machine's speed hits the systems of a round alike.
+the small pairs) in rotated order. Every run is a fresh process; ratios are taken within a round,
+so drift in this shared machine's speed hits the systems of a round alike.
 
 Measured per run: s/step (each optimizer step's wall time: sampling, teacher scoring, loss,
 backward, optimizer; TRL: on_step_begin -> on_step_end; opd: sample_s + score_s + train_s from
