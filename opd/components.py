@@ -16,8 +16,9 @@ from rich.console import Console
 from opd.config import ConfigError, ModelConfig, RunConfig
 from opd.data.sources import RunData, load_data
 from opd.learner import distributed
-from opd.learner.learner import Learner, objective_of
+from opd.learner.learner import Learner
 from opd.models import load_model, load_tokenizer, pick_device
+from opd.objectives import objective_of
 from opd.roles import Sampler, Teacher, check_output_sizes
 from opd.sampler import build_sampler
 from opd.sampler.hf import HFSampler

@@ -1,8 +1,8 @@
 """The learner: one optimizer step on a batch of rollouts, split into micro-batches.
 
-Four objectives share the step: the policy gradient (distillation's sampled estimator and RL),
-an exact divergence to a local teacher, the top-k forward KL to a served teacher, and
-cross-entropy on given tokens (SFT, mid-training).
+What the step minimises is an objective from `opd.objectives` (the policy gradient for
+distillation's sampled estimator and RL, an exact divergence to a local teacher, the top-k forward
+KL to a served teacher, cross-entropy on given tokens for SFT and mid-training).
 Every micro-batch's loss is divided by the completion-token count of the *whole* batch, so the
 accumulated gradient is the same whatever the micro-batch size.
 """
@@ -20,11 +20,10 @@ from opd.config import LossConfig, OptimConfig
 from opd.flops import ModelCost
 from opd.learner import autocast, distributed
 from opd.learner.checkpoint import load_weights, nonfinite_tensors
-from opd.losses.chunked import divergence_sum, token_divergence, token_logprobs, token_logprobs_and_entropy
-from opd.losses.cross_entropy import completion_cross_entropy
-from opd.losses.policy_gradient import policy_gradient_loss
-from opd.losses.topk import token_topk_forward_kl
+from opd import objectives
+from opd.losses.chunked import token_divergence, token_logprobs_and_entropy
 from opd.models import LogitsHead, merged_weights
+from opd.objectives import MicroBatch, objective_of
 from opd.roles import TeacherScores
 from opd.rollouts import Rollouts
 
@@ -39,28 +38,13 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str,
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-OBJECTIVES = ("policy_gradient", "divergence", "topk_forward_kl", "cross_entropy")
-
-
-def objective_of(loss: LossConfig, on_policy: bool = True) -> str:
-    """What the learner optimises: cross-entropy for fixed sequences (sft, midtrain); on the
-    student's samples, the policy gradient (the sampled estimator, RL), an exact divergence to a
-    local teacher, or the top-k forward KL to a served one."""
-    if not on_policy:
-        return "cross_entropy"
-    if loss.kind == "sampled_reverse_kl":
-        return "policy_gradient"
-    return "topk_forward_kl" if loss.kind == "topk_forward_kl" else "divergence"
-
-
 class Learner:
     """The trained model and its optimizer, in this process (`opd.roles.Learner`)."""
 
     def __init__(self, model, optim: OptimConfig, loss: LossConfig, total_steps: int, micro_batch_size: int,
                  objective: str | None = None, compute_dtype: str = "float32"):
         self.objective = objective or objective_of(loss)
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective {self.objective!r}: expected one of {OBJECTIVES}")
+        self.objective_impl = objectives.build(self.objective, loss)  # what a step minimises
         self.model = model
         self.head = LogitsHead(model)
         self.output_size = self.head.head.weight.shape[0]
@@ -107,11 +91,7 @@ class Learner:
     @property
     def exact(self) -> bool:
         """Whether the step needs the teacher's full distribution (hidden states and head)."""
-        return self.objective == "divergence"
-
-    @property
-    def needs_top_k(self) -> bool:
-        return self.objective == "topk_forward_kl"
+        return self.objective_impl.needs == "full_distribution"
 
     def train_step(self, rollouts: Rollouts, advantages: torch.Tensor | None,
                    scores: TeacherScores | None = None) -> dict:
@@ -121,66 +101,33 @@ class Learner:
 
         A non-finite loss or gradient (divergence, a bad batch) skips the update: the weights and
         the optimizer's moments stay as they were, and the metrics say `skipped: 1`."""
-        if self.exact and (scores is None or scores.hidden is None or scores.logits is None):
-            raise ValueError(f"loss.kind={self.loss_cfg.kind} needs the teacher's hidden states (a local teacher)")
-        if self.needs_top_k and (scores is None or scores.topk_ids is None):
-            raise ValueError("loss.kind=topk_forward_kl needs the teacher's top-k log-probs (teacher.top_k > 0)")
+        self.objective_impl.check(advantages, scores)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         # The completion tokens of the whole optimizer batch: all micro-batches, and all ranks when
         # several processes train (each holds its share of the batch; gradients are summed over them).
         num_tokens = distributed.sum_tensor(rollouts.completion_mask.sum()).clamp(min=1)
-        total_loss = 0.0
-        ratio_sum = clipped = divergence_total = mismatch_sum = 0.0
+        total_loss, sums = 0.0, {}
         micro_batches = list(rollouts.micro_batches(self.micro_batch_size))
         for i, (slot, micro) in enumerate(micro_batches):
             distributed.reduce_gradients_in_this_backward(self, last=i == len(micro_batches) - 1)
             with self.compute():  # float32: a no-op; bfloat16: the products in bf16, the loss in fp32
                 _, hidden_M_H = self.head.completion_states(micro)
-                selected = micro.predicts_completion
-                if self.objective == "cross_entropy":
-                    logprobs_M = token_logprobs(self.head.logits, hidden_M_H, micro.tokens[:, 1:][selected],
-                                                self.loss_cfg.chunk_size)
-                    loss = completion_cross_entropy(logprobs_M, num_tokens)
-                elif self.exact:
-                    teacher_hidden_M_H = slot.of(scores.hidden)[:, :-1][selected]
-                    if distributed.is_sharded(self):  # FSDP2 swaps the head's weights in per call: recompute instead
-                        div_M = token_divergence(self.loss_cfg.kind, self.head.logits, hidden_M_H, scores.logits,
-                                                 teacher_hidden_M_H, self.loss_cfg.jsd_beta, self.loss_cfg.chunk_size)
-                        div_sum = div_M.sum()
-                    else:
-                        div_sum, div_M = divergence_sum(self.loss_cfg.kind, self.head.logits, hidden_M_H, scores.logits,
-                                                        teacher_hidden_M_H, self.head.trainable_parameters(),
-                                                        self.loss_cfg.jsd_beta, self.loss_cfg.chunk_size)
-                    loss = div_sum / num_tokens
-                    divergence_total += float(div_M.detach().sum())
-                elif self.needs_top_k:
-                    div_M = token_topk_forward_kl(self.head.logits, hidden_M_H, slot.of(scores.topk_ids)[:, 1:][selected],
-                                                  slot.of(scores.topk_logprobs)[:, 1:][selected], self.loss_cfg.chunk_size)
-                    loss = div_M.sum() / num_tokens
-                    divergence_total += float(div_M.detach().sum())
-                else:
-                    logprobs_M = token_logprobs(self.head.logits, hidden_M_H, micro.tokens[:, 1:][selected],
-                                                self.loss_cfg.chunk_size)
-                    behaviour_M = micro.behaviour_logprobs[:, 1:][selected]
-                    advantages_M = slot.of(advantages)[:, 1:][selected]
-                    weights_M = torch.ones_like(logprobs_M) if micro.importance_weights is None \
-                        else micro.importance_weights[:, 1:][selected]
-                    loss = policy_gradient_loss(logprobs_M, behaviour_M, advantages_M, weights_M,
-                                                num_tokens, self.loss_cfg.clip_eps)
-                    ratio = torch.exp(logprobs_M.detach() - behaviour_M)
-                    ratio_sum += float(ratio.sum())
-                    # before the update, so on-policy this is the sampler's disagreement with the learner
-                    mismatch_sum += float((logprobs_M.detach() - behaviour_M).abs().sum())
-                    if self.loss_cfg.clip_eps is not None:
-                        clipped += float(((ratio - 1).abs() > self.loss_cfg.clip_eps).sum())
+                loss, micro_sums = self.objective_impl.loss(MicroBatch(
+                    rollouts=micro, slot=slot, hidden_M_H=hidden_M_H, logits=self.head.logits,
+                    head_parameters=self.head.trainable_parameters(), num_tokens=num_tokens,
+                    loss_cfg=self.loss_cfg, advantages=advantages, scores=scores,
+                    sharded=distributed.is_sharded(self)))
             loss.backward()
             total_loss += float(loss.detach())
+            for name, value in micro_sums.items():
+                sums[name] = sums.get(name, 0.0) + value
 
         if distributed.active():  # each rank summed its share; the metrics are of the whole batch
-            sums = distributed.sum_tensor(torch.tensor([total_loss, ratio_sum, clipped, divergence_total, mismatch_sum],
-                                                       dtype=torch.float64))
-            total_loss, ratio_sum, clipped, divergence_total, mismatch_sum = sums.tolist()
+            names = sorted(sums)
+            reduced = distributed.sum_tensor(torch.tensor([total_loss] + [sums[n] for n in names], dtype=torch.float64))
+            total_loss, *values = reduced.tolist()
+            sums = dict(zip(names, values))
 
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip is not None else float("inf")
         grad_norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
@@ -193,22 +140,10 @@ class Learner:
         # The schedule follows the step count either way, so a skipped step does not shift it.
         self.scheduler.step()
 
-        n = float(num_tokens)
         metrics = {"loss": total_loss, "grad_norm": grad_norm, "lr": lr, "skipped": int(not finite),
                    "grad_clipped": int(finite and self.optim_cfg.grad_clip is not None
                                        and grad_norm > self.optim_cfg.grad_clip)}
-        if self.objective == "cross_entropy":
-            metrics["cross_entropy"] = total_loss
-        elif self.exact:
-            metrics[f"exact_{self.loss_cfg.kind}"] = divergence_total / n
-        elif self.needs_top_k:
-            metrics["topk_forward_kl"] = divergence_total / n
-        else:
-            metrics["ratio_mean"] = ratio_sum / n
-            metrics["logprob_mismatch"] = mismatch_sum / n
-            if self.loss_cfg.clip_eps is not None:
-                metrics["clip_fraction"] = clipped / n
-        return metrics
+        return {**metrics, **self.objective_impl.metrics(total_loss, sums, float(num_tokens))}
 
     @torch.no_grad()
     def policy_logprobs(self, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from opd.losses.analytic import Workspace, divergence_and_grad
 from opd.losses.divergences import divergence
 
 
@@ -90,8 +91,9 @@ def divergence_sum(kind: str, student_logits_fn: Callable, student_hidden_M_H: t
 
 
 class _DivergenceSum(torch.autograd.Function):
-    """Forward: per chunk, the divergence and its gradient with respect to the chunk's hidden
-    states and the head's parameters (one autograd pass over that chunk's logits). The output is a
+    """Forward: per chunk, the divergence and its gradient with respect to the chunk's logits in
+    closed form (`analytic.py`, in buffers reused across chunks), then one autograd pass through the
+    head for the gradient of the chunk's hidden states and the head's parameters. The output is a
     sum, so the backward pass only scales the stored gradients by the incoming scalar."""
 
     @staticmethod
@@ -100,19 +102,22 @@ class _DivergenceSum(torch.autograd.Function):
         grad_hidden = torch.zeros_like(student_hidden_M_H)
         grad_params = [torch.zeros_like(p) for p in params]
         values = []
+        workspace = Workspace()
         for start in range(0, student_hidden_M_H.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             hidden = student_hidden_M_H[rows].detach().requires_grad_()
             teacher_logits = teacher_logits_fn(teacher_hidden_M_H[rows])
             with torch.enable_grad():
                 student_logits = student_logits_fn(hidden)
-                _check_sizes(student_logits, teacher_logits)
-                value = divergence(kind, student_logits, teacher_logits.detach(), jsd_beta)
-                grads = torch.autograd.grad(value.sum(), [hidden, *params])
+            _check_sizes(student_logits, teacher_logits)
+            value, grad_logits = divergence_and_grad(kind, student_logits.detach(), teacher_logits.detach(),
+                                                     jsd_beta, workspace)
+            grads = torch.autograd.grad(student_logits, [hidden, *params],
+                                        grad_outputs=grad_logits.to(student_logits.dtype))
             grad_hidden[rows] = grads[0]
             for accumulated, grad in zip(grad_params, grads[1:]):
                 accumulated += grad
-            values.append(value.detach())
+            values.append(value)
         ctx.save_for_backward(grad_hidden, *grad_params)
         values = torch.cat(values) if values else student_hidden_M_H.new_zeros(0, dtype=torch.float32)
         ctx.mark_non_differentiable(values)
