@@ -21,7 +21,7 @@ from opd.models import load_model, load_tokenizer, pick_device
 from opd.roles import Sampler, Teacher, check_output_sizes
 from opd.sampler import build_sampler
 from opd.sampler.hf import HFSampler
-from opd.tasks import is_graded
+from opd.tasks import check_record_graders, is_graded
 from opd.teacher.hf import HFTeacher
 
 
@@ -86,6 +86,7 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
         learner.verify(len(tokenizer))
         check_output_sizes(learner, teacher, needs_full_distribution=learner.exact)  # exact losses: refused here
         data = load_data(cfg, tokenizer)
+        check_record_graders(p.record for prompts in (data.train_prompts, *data.eval_sets.values()) for p in prompts)
         if cfg.method == "rl":
             ungraded = [p for p in data.train_prompts if not is_graded(p.record, cfg.data.grader)]
             if ungraded:

@@ -357,11 +357,12 @@ def run_step(cfg: RunConfig, components: Components, step: int, batches: Student
 
 
 def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, trust_checkpoint: bool = False) -> dict:
     """Run (or resume) a run of any method; returns the summary also written to summary.json.
 
     `stop_after` ends this invocation after that many steps, exactly as a Ctrl-C would
-    (checkpoint, then exit): a later `resume=True` call continues the same run.
+    (checkpoint, then exit): a later `resume=True` call continues the same run. `trust_checkpoint`:
+    an older opd's pickled trainer state may be read (loading a pickle can run code).
     """
     console = console or Console()
     run_dir = Path(cfg.run_dir)
@@ -375,7 +376,7 @@ def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
         if resume and checkpoint is None:
             console.print(f"[yellow]--resume: no checkpoint in {run_dir / 'checkpoints'} yet; starting the run "
                           f"from step 0[/yellow]")
-        state = load_trainer_state(checkpoint) if checkpoint is not None else None
+        state = load_trainer_state(checkpoint, trust_checkpoint) if checkpoint is not None else None
         if state is not None:
             check_resumable(state["config"], cfg.model_dump(mode="json"), console)
         seed_everything(cfg.train.seed)
