@@ -69,8 +69,14 @@ class ModelConfig(Section):
     top_k: int = Field(0, ge=0)  # > 0: keep the teacher's top-k log-probs per position (loss.kind=topk_forward_kl)
     requests_in_flight: int = Field(4, ge=1)  # concurrent requests, over all URLs
     rows_per_request: int = Field(1, ge=1)  # sequences per request
-    timeout_s: float = Field(120.0, gt=0)  # one request
+    timeout_s: float = Field(120.0, gt=0)  # one request, from connecting to its last byte
     retry_for_s: float = Field(300.0, ge=0)  # how long a failing server is retried before the run stops
+    max_response_mb: float = Field(256.0, gt=0)  # a longer answer is refused (a misbehaving server)
+    # A protected server (vLLM --api-key): the NAME of the environment variable that holds the key,
+    # sent as `Authorization: Bearer`; the key itself is never in a config file or a log.
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    tls_verify: bool = True  # https: check the server's certificate (false: do not; a test server)
+    ca_bundle: str | None = None  # https: a CA certificate file to check it against (a private CA)
     # A local directory with the teacher's tokenizer (and config.json): compared token by token with
     # the student's, and used to count the teacher's FLOPs. None: the server's /tokenize is probed.
     tokenizer: str | None = None
@@ -82,6 +88,8 @@ class ModelConfig(Section):
                              "`url` (a served teacher)")
         if self.url is not None and self.lora is not None:
             raise ValueError("lora: a served model is fixed; LoRA applies to a local student")
+        if self.url is None and (self.api_key_env is not None or self.ca_bundle is not None):
+            raise ValueError("api_key_env / ca_bundle apply to a served teacher (url)")
         return self
 
     @property
@@ -176,7 +184,13 @@ class SamplingConfig(Section):
     # each step; both must see this path. None: <run_dir>/sampler_weights.
     sync_dir: str | None = None
     engine_args: dict[str, Any] = Field(default_factory=dict)  # colocated: extra vllm.LLM(...) arguments
-    timeout_s: float = Field(600.0, gt=0)  # server: one sampling request
+    timeout_s: float = Field(600.0, gt=0)  # server: one sampling request, from connecting to its last byte
+    max_response_mb: float = Field(64.0, gt=0)  # server: a longer answer is refused
+    # server: the NAME of the environment variable holding its API key (vLLM --api-key), sent as
+    # `Authorization: Bearer`; tls_verify / ca_bundle for https (as teacher.*)
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    tls_verify: bool = True
+    ca_bundle: str | None = None
     # The engine's log-probs of the sampled tokens can differ from the learner's (kernels, bf16 on
     # GPU): logged as logprob_mismatch. recompute_logprobs: a no-grad learner forward gives the
     # behaviour log-probs instead; importance_cap: then also weight each token by
@@ -418,8 +432,11 @@ def _format_validation_error(err: ValidationError) -> str:
             lines.append(f"  {key}: unknown key{hint}")
         else:
             got = e.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {e['msg']}{shown}")
+            # an API key written where its variable's name belongs is not echoed
+            shown = "" if isinstance(got, dict) or key.endswith("api_key_env") else f" (got {got!r})"
+            msg = ("the name of an environment variable holding the key (e.g. OPD_TEACHER_KEY), never the key itself"
+                   if key.endswith("api_key_env") and e["type"] == "string_pattern_mismatch" else e["msg"])
+            lines.append(f"  {key}: {msg}{shown}")
     return "invalid config:\n" + "\n".join(lines)
 
 

@@ -46,7 +46,8 @@ from pathlib import Path
 import httpx
 import torch
 
-from opd.config import ModelConfig
+from opd import http_client
+from opd.config import ConfigError, ModelConfig
 from opd.flops import ModelCost
 from opd.roles import TeacherScores
 from opd.rollouts import Rollouts
@@ -119,10 +120,14 @@ class RemoteTeacher:
         self.backend = spec.backend
         self.top_k = spec.top_k
         self.output_size, self.cost = _local_model_facts(spec.tokenizer)
-        timeout = httpx.Timeout(spec.timeout_s, connect=min(spec.timeout_s, self.health_timeout_s))
-        limits = httpx.Limits(max_connections=spec.requests_in_flight,
-                              max_keepalive_connections=spec.requests_in_flight)
-        self._clients = {url: httpx.Client(base_url=url, timeout=timeout, limits=limits) for url in self.urls}
+        try:
+            headers = http_client.api_key_header(spec.api_key_env, "teacher")
+            verify = http_client.tls_verification(spec.tls_verify, spec.ca_bundle, "teacher")
+        except (http_client.MissingApiKey, FileNotFoundError) as err:
+            raise ConfigError(str(err)) from None
+        self._clients = {url: http_client.make_client(url, spec.timeout_s, spec.requests_in_flight, headers, verify,
+                                                      connect_s=self.health_timeout_s) for url in self.urls}
+        self._closing = threading.Event()  # set by close(): requests in flight stop at once
         self._pool = ThreadPoolExecutor(spec.requests_in_flight, thread_name_prefix="opd-teacher")
         self._models: dict[str, str | None] = {url: spec.served_model for url in self.urls}
         self._next_url = itertools.count()
@@ -143,6 +148,7 @@ class RemoteTeacher:
     # --- lifecycle ---
 
     def close(self) -> None:
+        self._closing.set()  # a request in flight (a server that hangs) stops within a fraction of a second
         self._pool.shutdown(wait=True, cancel_futures=True)
         for client in self._clients.values():
             client.close()
@@ -162,16 +168,19 @@ class RemoteTeacher:
             paths = ["/health", "/v1/models"] if self.backend == "vllm" else ["/health", "/get_model_info"]
             for path in paths:
                 try:
-                    response = self._clients[url].get(path, timeout=self.health_timeout_s)
-                except httpx.HTTPError as err:
+                    response = http_client.request(self._clients[url], "GET", path, timeout_s=self.health_timeout_s,
+                                                   max_bytes=1 << 20, cancel=(self._closing,))
+                except (httpx.HTTPError, http_client.ResponseTooLarge) as err:
                     raise TeacherUnavailableError(
                         f"cannot reach the teacher server at {url}: {_one_line(_describe(err))}") from None
                 if response.status_code == 404 and path != paths[-1]:
                     continue
                 if response.status_code >= 400:
+                    hint = (" (a protected server: set teacher.api_key_env to the name of the environment variable "
+                            "holding its key)") if response.status_code in (401, 403) else ""
                     raise TeacherUnavailableError(
                         f"the teacher server at {url} is not ready: GET {path} answered HTTP {response.status_code} "
-                        f"{_one_line(response.text, 200)}")
+                        f"{_one_line(response.text, 200)}{hint}")
                 break
             self._model(url)
         names = {self._models[url] for url in self.urls}
@@ -351,9 +360,18 @@ class RemoteTeacher:
             if cancel is not None and cancel.is_set():
                 raise _Cancelled()
             try:
-                response = client.request(method, path, json=payload)
-            except httpx.TransportError as err:  # connect / read / write errors and timeouts
+                response = http_client.request(client, method, path, payload, timeout_s=self.spec.timeout_s,
+                                               max_bytes=int(self.spec.max_response_mb * 2**20),
+                                               cancel=(cancel, self._closing))
+            except http_client.RequestCancelled:
+                raise _Cancelled() from None
+            except http_client.ResponseTooLarge as err:  # a misbehaving server: its answer is not read on
+                raise TeacherResponseError(f"the teacher server at {url} answered {what} with too much: {err} "
+                                           f"(teacher.max_response_mb={self.spec.max_response_mb:g})") from None
+            except httpx.TransportError as err:  # connect / read / write errors, and the whole request's timeout
                 last = _describe(err)
+                if isinstance(err, httpx.TimeoutException):
+                    last += f" (no complete answer within teacher.timeout_s={self.spec.timeout_s:g})"
             else:
                 if response.status_code < 400:
                     try:
@@ -376,11 +394,8 @@ class RemoteTeacher:
             if retry == 0:
                 log.warning("teacher server %s failed %s (%s); retrying for up to %.0f s", url, what, last,
                             self.spec.retry_for_s)
-            if cancel is not None:
-                if cancel.wait(delay):
-                    raise _Cancelled()
-            else:
-                time.sleep(delay)
+            if (cancel or self._closing).wait(delay) or self._closing.is_set():
+                raise _Cancelled()
             retry += 1
             if count:
                 with self._lock:
