@@ -214,3 +214,106 @@ def test_the_sampling_server_gets_its_key_too(server, monkeypatch, tmp_path):
     sampler = VLLMServerSampler(s.url, lambda path: None, build_tiny_tokenizer(), cfg, tmp_path, [0])
     assert sampler.model == "m" and s.seen_auth == ["Bearer student-key"]
     sampler.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. every teacher failure saves the last finished step; 5. a second Ctrl-C quits at once
+
+from helpers import TINY_RUN, tiny  # noqa: E402
+from test_remote_teacher import FakeEngine, Handler  # noqa: E402  (a server answering with a real tiny model)
+
+
+class BreakingHandler(Handler):
+    """Scores like a vLLM server for `engine.good` scoring requests, then fails as `engine.failure`
+    says: nan (an invalid log-prob), 401 (a key rotated away), 400 (a refused request), hang."""
+
+    def do_POST(self):
+        engine = self.server.engine
+        if self.path == "/v1/completions":
+            with engine.count_lock:
+                engine.scored += 1
+                broken = engine.scored > engine.good
+            if broken and engine.failure in ("401", "400"):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                return self.reply(int(engine.failure), {"error": {"message": "refused"}})
+            if broken and engine.failure == "hang":
+                engine.hanging.set()
+                engine.release.wait(120)
+                return
+            if broken:
+                engine.corrupt = engine.failure
+        super().do_POST()
+
+
+@pytest.fixture
+def breaking_server():
+    started = []
+
+    def start(good, failure):
+        model, tokenizer = tiny(hidden=32, seed=5)
+        engine = FakeEngine(model, tokenizer)
+        engine.good, engine.failure, engine.scored = good, failure, 0
+        engine.count_lock, engine.hanging, engine.release = threading.Lock(), threading.Event(), threading.Event()
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), BreakingHandler)
+        httpd.daemon_threads, httpd.engine = True, engine
+        httpd.handle_error = lambda *args: None
+        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        started.append(httpd)
+        return f"http://127.0.0.1:{httpd.server_address[1]}", engine
+
+    yield start
+    for httpd in started:
+        httpd.engine.release.set()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def served_run(url, run_dir, *extra):
+    """TINY_RUN with the teacher served at `url`: one scoring request per step, no eval set."""
+    own = [o for o in TINY_RUN if not o.startswith("teacher.")]
+    return [*own, f"teacher.url={url}", "teacher.rows_per_request=16", "teacher.retry_for_s=1",
+            "data.eval_holdout=0", f"run_dir={run_dir}", *extra]
+
+
+@pytest.mark.parametrize("failure", ["nan", "401", "400"])
+def test_a_bad_teacher_answer_saves_the_last_finished_step(breaking_server, tmp_path, failure):
+    from opd.learner.checkpoint import latest_checkpoint
+    from opd.loop import train
+
+    url, engine = breaking_server(good=2, failure=failure)
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, served_run(url, run_dir, "train.steps=4", "checkpoint.every=50"))
+    with pytest.raises(TeacherResponseError, match=r"step 3 could not be scored; saved checkpoint .*step_000002") as err:
+        train(cfg)
+    assert isinstance(err.value, TeacherRequestError) == (failure != "nan")
+    assert latest_checkpoint(run_dir).name == "step_000002"  # checkpoint.every=50: only the failure saved it
+    engine.failure = None  # the server is fixed: --resume continues from step 2
+    assert train(cfg, resume=True)["steps_done"] == 4
+
+
+def test_a_second_ctrl_c_quits_at_once_while_the_teacher_hangs(breaking_server, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    url, engine = breaking_server(good=1, failure="hang")
+    run_dir = tmp_path / "run"
+    args = served_run(url, run_dir, "train.steps=5", "teacher.timeout_s=600", "teacher.retry_for_s=600")
+    proc = subprocess.Popen([sys.executable, "-m", "opd.cli.main", "distill", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert engine.hanging.wait(240), "the run never reached its second step"
+        proc.send_signal(signal.SIGINT)  # first: finish the step (which hangs), then save
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # second: quit now
+        try:
+            out, err = proc.communicate(timeout=30)  # a bound on a hang, not a timing measurement
+        except subprocess.TimeoutExpired:
+            pytest.fail("the second Ctrl-C did not end the run while the teacher hung (timeout_s=600)")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "interrupted without saving" in err and "Traceback" not in err
