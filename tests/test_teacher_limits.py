@@ -160,6 +160,19 @@ def test_an_answer_over_the_size_cap_is_refused(server, mode):
     teacher.close()
 
 
+def test_sampling_timeout_s_bounds_a_trickling_student_server(server, tmp_path):
+    from opd.config import SamplingConfig
+    from opd.sampler.vllm import SamplerServerError, VLLMServerSampler
+    from opd.tiny import build_tiny_tokenizer
+
+    s = server(mode="trickle")
+    cfg = SamplingConfig(backend="vllm", url=s.url, timeout_s=1.0)
+    sampler = VLLMServerSampler(s.url, lambda path: None, build_tiny_tokenizer(), cfg, tmp_path, [0])
+    done, err = finishes(lambda: sampler._post("/v1/completions", {}))
+    assert done and isinstance(err, SamplerServerError) and "sampling.timeout_s=1" in str(err), err
+    sampler.close()
+
+
 def test_closing_the_teacher_stops_a_request_to_a_hanging_server(server):
     s = server(mode="hang")
     teacher = RemoteTeacher(ModelConfig(url=s.url, timeout_s=600, retry_for_s=0))
@@ -185,10 +198,10 @@ def test_the_api_key_is_sent_as_a_bearer_header_and_never_logged(server, monkeyp
         teacher = RemoteTeacher(ModelConfig(url=s.url, api_key_env="OPD_TEST_TEACHER_KEY", retry_for_s=0))
         teacher.close()
     assert s.seen_auth and set(s.seen_auth) == {"Bearer s3cret-key"}
-    monkeypatch.setenv("OPD_TEST_TEACHER_KEY", "rotated")  # a key the server no longer takes: one line, no key
+    monkeypatch.setenv("OPD_TEST_TEACHER_KEY", "k-new-9876")  # a key the server no longer takes: one line, no key
     with pytest.raises(TeacherUnavailableError, match="HTTP 401") as err:
         RemoteTeacher(ModelConfig(url=s.url, api_key_env="OPD_TEST_TEACHER_KEY", retry_for_s=0))
-    assert "rotated" not in str(err.value) and "s3cret" not in caplog.text
+    assert "k-new-9876" not in str(err.value) and "OPD_TEST_TEACHER_KEY was refused" in str(err.value) and "s3cret" not in caplog.text
     with pytest.raises(TeacherUnavailableError, match="HTTP 401"):  # no key at all
         RemoteTeacher(ModelConfig(url=s.url, retry_for_s=0))
 

@@ -93,22 +93,22 @@ def write(directory: Path, state: dict) -> None:
     (Path(directory) / JSON_NAME).write_text(json.dumps(document))
 
 
-def _decode(value, tensors: dict, classes: dict, where: str):
+def _decode(value, tensors: dict, classes: dict):
     if isinstance(value, list):
-        return [_decode(v, tensors, classes, where) for v in value]
+        return [_decode(v, tensors, classes) for v in value]
     if not isinstance(value, dict):
         return value
     tag = next((t for t in TAGS if t in value), None)
     if tag is None:
-        return {k: _decode(v, tensors, classes, where) for k, v in value.items()}
+        return {k: _decode(v, tensors, classes) for k, v in value.items()}
     if tag == "__tensor__":
         if value["__tensor__"] not in tensors:
             raise ValueError(f"it names a tensor {value['__tensor__']!r} that {TENSORS_NAME} does not hold")
         return tensors[value["__tensor__"]]
     if tag == "__tuple__":
-        return tuple(_decode(value["__tuple__"], tensors, classes, where))
+        return tuple(_decode(value["__tuple__"], tensors, classes))
     if tag == "__items__":
-        return {_decode(k, tensors, classes, where): _decode(v, tensors, classes, where) for k, v in value["__items__"]}
+        return {_decode(k, tensors, classes): _decode(v, tensors, classes) for k, v in value["__items__"]}
     if tag == "__ndarray__":
         dtype = np.dtype(value["dtype"])
         if dtype == object:
@@ -117,14 +117,14 @@ def _decode(value, tensors: dict, classes: dict, where: str):
     cls = classes.get(value["__dataclass__"])
     if cls is None:
         raise ValueError(f"it names an unknown kind of object {value['__dataclass__']!r}")
-    return cls(**{k: _decode(v, tensors, classes, where) for k, v in value["fields"].items()})
+    return cls(**{k: _decode(v, tensors, classes) for k, v in value["fields"].items()})
 
 
 def read(directory: Path, load_tensors) -> dict:
     """The state written by `write`; `load_tensors(path)` reads the safetensors file (and names
     it in its errors). Raises ValueError with the reason when the JSON does not describe a state."""
     document = json.loads((Path(directory) / JSON_NAME).read_text(encoding="utf-8"))
-    state = _decode(document, load_tensors(Path(directory) / TENSORS_NAME), _dataclasses(), JSON_NAME)
+    state = _decode(document, load_tensors(Path(directory) / TENSORS_NAME), _dataclasses())
     missing = [k for k in ("step", "config", "totals", "learner", "rng") if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(f"it is not a trainer state (no {', '.join(missing)})")
