@@ -4,7 +4,6 @@ settings a library would reject later, sequences longer than a model's context."
 
 import errno
 import json
-import os
 
 import pytest
 import yaml

@@ -416,8 +416,8 @@ def test_an_interrupted_run_prints_its_summary_and_exits_130(tmp_path, monkeypat
 
     real_train = opd.loop.train
 
-    def stopped_after_one_step(cfg, resume=False, console=None):  # as a Ctrl-C after the first step
-        return real_train(cfg, resume=resume, console=console, stop_after=1)
+    def stopped_after_one_step(cfg, resume=False, console=None, **kw):  # as a Ctrl-C after the first step
+        return real_train(cfg, resume=resume, console=console, stop_after=1, **kw)
 
     monkeypatch.setattr(opd.loop, "train", stopped_after_one_step)
     run = tmp_path / "run"

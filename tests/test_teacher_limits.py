@@ -5,7 +5,6 @@ runs a real HTTP server on 127.0.0.1."""
 
 import json
 import logging
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,9 +12,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
+from helpers import TINY_RUN, tiny
 from opd import http_client
 from opd.config import ConfigError, ModelConfig, load_config
 from opd.teacher.remote import RemoteTeacher, TeacherRequestError, TeacherResponseError, TeacherUnavailableError
+from test_remote_teacher import FakeEngine, Handler  # a server answering with a real tiny model
 
 
 class Server:
@@ -233,9 +234,6 @@ def test_the_sampling_server_gets_its_key_too(server, monkeypatch, tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # 6. every teacher failure saves the last finished step; 5. a second Ctrl-C quits at once
-
-from helpers import TINY_RUN, tiny  # noqa: E402
-from test_remote_teacher import FakeEngine, Handler  # noqa: E402  (a server answering with a real tiny model)
 
 
 class BreakingHandler(Handler):
