@@ -330,3 +330,15 @@ def test_a_second_ctrl_c_quits_at_once_while_the_teacher_hangs(breaking_server, 
             proc.communicate()
     assert proc.returncode == 130, err
     assert "interrupted without saving" in err and "Traceback" not in err
+
+
+def test_a_served_teachers_max_model_len_bounds_prompt_plus_max_new_tokens(breaking_server, tmp_path):
+    from opd.loop import train
+
+    url, engine = breaking_server(good=10**6, failure=None)  # its /tokenize says max_model_len 512
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, served_run(url, run_dir, "student.tiny.max_position_embeddings=2048",
+                                       "sampling.max_new_tokens=600"))
+    with pytest.raises(ConfigError, match="more than the teacher server's max_model_len=512"):
+        train(cfg)
+    assert engine.scored == 0 and not (run_dir / "metrics.jsonl").exists()  # refused before any work

@@ -72,6 +72,7 @@ def _user_errors():
     from opd.loop import NonFiniteTrainingError
     from opd.models import ModelNotFoundError
     from opd.run_dir import RunDirectoryError
+    from opd.sampler.vllm import SamplerServerError
     from opd.tasks import GraderError
     from opd.teacher.errors import TeacherResponseError, TeacherUnavailableError
     from opd.tokenizer_check import TokenizerMismatchError
@@ -79,7 +80,7 @@ def _user_errors():
     return (ConfigError, PromptDataError, ModelNotFoundError, TokenizerMismatchError, RunDirectoryError,
             GraderError, FileNotFoundError, ImportError, CheckpointWriteError, CorruptCheckpointError,
             NonFiniteWeightsError, NonFiniteTrainingError, TeacherUnavailableError, TeacherResponseError,
-            UntrustedCheckpointError)
+            UntrustedCheckpointError, SamplerServerError)
 
 
 INTERRUPTED = 130  # the shell's code for Ctrl-C: `opd distill ... && next-step` does not carry on
