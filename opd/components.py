@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 
 from opd.config import ConfigError, ModelConfig, RunConfig
+from opd.context_check import check_context
 from opd.data.sources import RunData, load_data
 from opd.learner import distributed
 from opd.learner.learner import Learner
@@ -22,7 +23,7 @@ from opd.objectives import objective_of
 from opd.roles import Sampler, Teacher, check_output_sizes
 from opd.sampler import build_sampler
 from opd.sampler.hf import HFSampler
-from opd.tasks import is_graded
+from opd.tasks import check_record_graders, is_graded
 from opd.teacher.hf import HFTeacher
 
 
@@ -87,6 +88,8 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
         learner.verify(len(tokenizer))
         check_output_sizes(learner, teacher, needs_full_distribution=learner.exact)  # exact losses: refused here
         data = load_data(cfg, tokenizer)
+        check_record_graders(p.record for prompts in (data.train_prompts, *data.eval_sets.values()) for p in prompts)
+        check_context(cfg, data, student, teacher)
         if cfg.method == "rl":
             ungraded = [p for p in data.train_prompts if not is_graded(p.record, cfg.data.grader)]
             if ungraded:

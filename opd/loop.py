@@ -48,7 +48,7 @@ from opd.models import pick_device
 from opd.roles import TeacherScores
 from opd.rollouts import Rollouts, sequence_batch
 from opd.run_dir import QuietLog, RunLock, RunLog
-from opd.teacher.errors import TeacherUnavailableError
+from opd.teacher.errors import TeacherResponseError, TeacherUnavailableError, what_to_do
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,11 +357,12 @@ def run_step(cfg: RunConfig, components: Components, step: int, batches: Student
 
 
 def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, trust_checkpoint: bool = False) -> dict:
     """Run (or resume) a run of any method; returns the summary also written to summary.json.
 
     `stop_after` ends this invocation after that many steps, exactly as a Ctrl-C would
-    (checkpoint, then exit): a later `resume=True` call continues the same run.
+    (checkpoint, then exit): a later `resume=True` call continues the same run. `trust_checkpoint`:
+    an older opd's pickled trainer state may be read (loading a pickle can run code).
     """
     console = console or Console()
     run_dir = Path(cfg.run_dir)
@@ -375,7 +376,7 @@ def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
         if resume and checkpoint is None:
             console.print(f"[yellow]--resume: no checkpoint in {run_dir / 'checkpoints'} yet; starting the run "
                           f"from step 0[/yellow]")
-        state = load_trainer_state(checkpoint) if checkpoint is not None else None
+        state = load_trainer_state(checkpoint, trust_checkpoint) if checkpoint is not None else None
         if state is not None:
             check_resumable(state["config"], cfg.model_dump(mode="json"), console)
         seed_everything(cfg.train.seed)
@@ -463,13 +464,12 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
             before = progress_state()
             try:
                 metrics, batch, scores, grades = run_step(cfg, components, step, batches, totals, score_with_teacher)
-            except TeacherUnavailableError as err:
-                # Several processes: only this rank may have failed, so no save can be agreed on; the
-                # last checkpoint stays (torchrun ends the other ranks when this one exits).
+            except (TeacherUnavailableError, TeacherResponseError) as err:  # any teacher failure: an outage,
+                # an invalid answer, a refusal (4xx). Several processes: only this rank may have failed, so no
+                # save can be agreed on; the last checkpoint stays (torchrun ends the other ranks).
                 saved = save(step - 1, before) if not distributed.active() else latest_checkpoint(run_dir)
-                raise TeacherUnavailableError(f"{err}\nstep {step} could not be scored; saved checkpoint {saved} "
-                                              f"(step {step - 1}): restart the server, then run again with "
-                                              f"--resume") from None
+                raise type(err)(f"{err}\nstep {step} could not be scored; saved checkpoint {saved} (step {step - 1}): "
+                                f"{what_to_do(err)}, then run again with --resume") from None
             nonfinite_in_a_row = nonfinite_in_a_row + 1 if metrics["skipped"] else 0
             for warning in collapse.check(step, metrics):
                 console.print(f"[yellow]{escape(warning)}[/yellow]")
@@ -479,7 +479,7 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
                 try:
                     last_eval, last_eval_step = timed_evaluate(), step
                     metrics.update(last_eval)
-                except TeacherUnavailableError as err:  # the step itself is done: log and save it, then stop
+                except (TeacherUnavailableError, TeacherResponseError) as err:  # the step is done: log, save, stop
                     eval_error = err
             metrics.update(totals)
             log.log(step, metrics)
@@ -491,8 +491,8 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
 
             if eval_error is not None:
                 saved = save(step) if not distributed.active() else latest_checkpoint(run_dir)
-                raise TeacherUnavailableError(f"{eval_error}\nthe evaluation after step {step} failed; saved "
-                                              f"checkpoint {saved}: restart the server, then run again with --resume")
+                raise type(eval_error)(f"{eval_error}\nthe evaluation after step {step} failed; saved checkpoint "
+                                       f"{saved}: {what_to_do(eval_error)}, then run again with --resume")
             if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
                 raise NonFiniteTrainingError(
                     f"step {step}: the loss or gradient was not finite for {nonfinite_in_a_row} steps in a row "

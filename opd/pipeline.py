@@ -27,6 +27,7 @@ finished phases and continues an unfinished run phase from its last checkpoint.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -115,7 +116,8 @@ def _finished_model(method: str, cfg: RunConfig) -> dict:
     return {"path": str(checkpoint / "model"), "dtype": cfg.student.dtype}
 
 
-def run_phase(method: str, cfg: RunConfig, resume: bool, console: Console, stop_after: int | None) -> dict:
+def run_phase(method: str, cfg: RunConfig, resume: bool, console: Console, stop_after: int | None,
+              trust_checkpoint: bool = False) -> dict:
     """One phase: an ordinary run (returns its last evaluation), or an evaluation of its student."""
     own_task = cfg.task.name if cfg.task.name != "none" else "eval"
     if method == "eval":
@@ -129,7 +131,7 @@ def run_phase(method: str, cfg: RunConfig, resume: bool, console: Console, stop_
                 if isinstance(v, (int, float)) and k != "prompts"}
     from opd.loop import train
 
-    summary = train(cfg, resume=resume, console=console, stop_after=stop_after)
+    summary = train(cfg, resume=resume, console=console, stop_after=stop_after, trust_checkpoint=trust_checkpoint)
     if summary["interrupted"]:
         raise PipelineInterrupted(f"phase {Path(cfg.run_dir).name} stopped after step {summary['steps_done']} of "
                                   f"{summary['steps_planned']} (checkpoint saved)")
@@ -158,10 +160,34 @@ def check_pipeline(spec: dict, run_dir: Path, overrides: list[str]) -> dict[str,
     return configs
 
 
+def read_state(path: Path) -> dict:
+    """pipeline.json: {"phases": {name: {...}}}; anything else (torn, edited) is one ConfigError."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"{path} cannot be read ({type(err).__name__}: {err}): it is not the state of a pipeline; "
+                          f"move it away to run the pipeline from its first phase") from None
+    phases = state.get("phases") if isinstance(state, dict) else None
+    if not isinstance(phases, dict) or not all(isinstance(p, dict) and (not p.get("finished") or isinstance(
+            p.get("model"), dict)) for p in phases.values()):
+        raise ConfigError(f"{path} is not the state of a pipeline (expected {{\"phases\": {{name: {{...}}}}}}); "
+                          f"move it away to run the pipeline from its first phase")
+    return state
+
+
+def write_state(path: Path, state: dict) -> None:
+    """Replaced atomically: a crash mid-write leaves the previous state, never a torn file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, path)
+
+
 def run_pipeline(path: Path, overrides: list[str] = (), resume: bool = False, console: Console | None = None,
-                 run_dir: Path | None = None, stop_after: tuple[str, int] | None = None) -> dict:
+                 run_dir: Path | None = None, stop_after: tuple[str, int] | None = None,
+                 trust_checkpoint: bool = False) -> dict:
     """Every phase in order; returns (and writes to run_dir/pipeline.json) each phase's model and
-    evaluations. `stop_after=(phase, n)` stops that phase after n steps as a Ctrl-C would (tests)."""
+    evaluations. `stop_after=(phase, n)` stops that phase after n steps as a Ctrl-C would (tests).
+    `trust_checkpoint`: a phase may resume from an older opd's pickled checkpoint."""
     console = console or Console()
     spec = read_pipeline(path)
     run_dir = Path(run_dir or spec.get("run_dir") or "runs/pipeline")
@@ -172,7 +198,7 @@ def run_pipeline(path: Path, overrides: list[str] = (), resume: bool = False, co
     check_pipeline(spec, run_dir, list(overrides))  # every phase, before anything runs
 
     state_path = run_dir / STATE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"phases": {}}
+    state = read_state(state_path) if state_path.is_file() else {"phases": {}}
     if state["phases"] and not resume:
         raise ConfigError(f"{run_dir} holds a pipeline already ({state_path}): pass --resume to continue it, or "
                           f"choose another run_dir")
@@ -182,7 +208,7 @@ def run_pipeline(path: Path, overrides: list[str] = (), resume: bool = False, co
         method, cfg = phase_config(name, spec["phases"][name], common, run_dir, outputs, [*shared, *per_phase[name]])
         done = state["phases"].get(name)
         if done and done.get("finished"):
-            if done["config"] != cfg.model_dump(mode="json"):
+            if done.get("config") != cfg.model_dump(mode="json"):
                 console.print(f"[yellow]phase {name} finished earlier with another config; its model is kept "
                               f"(start a new run_dir to redo it)[/yellow]")
             console.print(f"phase {name}: finished earlier, skipped")
@@ -190,12 +216,12 @@ def run_pipeline(path: Path, overrides: list[str] = (), resume: bool = False, co
             continue
         console.print(f"[bold]phase {name}[/bold] ({method}) in {cfg.run_dir}")
         state["phases"][name] = {"method": method, "finished": False, "config": cfg.model_dump(mode="json")}
-        state_path.write_text(json.dumps(state, indent=2))
+        write_state(state_path, state)
         steps = stop_after[1] if stop_after and stop_after[0] == name else None
-        evals = run_phase(method, cfg, resume and done is not None, console, steps)
+        evals = run_phase(method, cfg, resume and done is not None, console, steps, trust_checkpoint)
         outputs[name] = _finished_model(method, cfg)
         state["phases"][name].update(finished=True, model=outputs[name], evals=evals)
-        state_path.write_text(json.dumps(state, indent=2))
+        write_state(state_path, state)
     print_pipeline(state, console)
     return state
 

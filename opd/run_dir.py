@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import socket
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from opd.config import RunConfig
@@ -189,7 +191,8 @@ class RunLog:
         if resume_step is not None and self.metrics_path.exists():
             # rows written after the checkpoint we resume from would be repeated: drop them (and a torn line)
             truncate_metrics(self.metrics_path, resume_step)
-        self._metrics = self.metrics_path.open("a")
+        # unbuffered: a write that fails (the disk full) leaves nothing behind to fail again at exit
+        self._metrics = self.metrics_path.open("ab", buffering=0)
 
         self.tensorboard = None
         if cfg.log.tensorboard:
@@ -206,14 +209,31 @@ class RunLog:
             self.wandb = wandb.init(project=cfg.log.wandb_project, name=self.path.name, dir=str(self.path),
                                     config=cfg.model_dump(mode="json"), resume="allow")
 
+    @contextmanager
+    def _writing(self, what: str, step: int | None = None):
+        """A failed write (the disk full) is one line naming the file, not a traceback from deep
+        inside a writer; the checkpoints already written are untouched."""
+        try:
+            yield
+        except OSError as err:
+            full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+            reason = "no space left on the device" if full else f"{type(err).__name__}: {err}"
+            at = f" at step {step}" if step is not None else ""
+            raise RunDirectoryError(f"could not write {what} in {self.path}{at}: {reason}. The run stopped; the "
+                                    f"checkpoints written so far are intact: free space, then run the same command "
+                                    f"with --resume") from None
+
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        self._metrics.write(json.dumps(row) + "\n")
-        self._metrics.flush()
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if self.tensorboard is not None:
-                    self.tensorboard.add_scalar(key, value, step)
+        with self._writing("metrics.jsonl", step):
+            line = (json.dumps(row) + "\n").encode()
+            while line:  # a raw write may take only part of it
+                line = line[self._metrics.write(line):]
+        with self._writing("the TensorBoard events", step):
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    if self.tensorboard is not None:
+                        self.tensorboard.add_scalar(key, value, step)
         if self.wandb is not None:
             self.wandb.log(row, step=step)
 
@@ -228,16 +248,20 @@ class RunLog:
         folder = self.path / "rollouts"
         folder.mkdir(exist_ok=True)
         path = folder / f"step_{step:06d}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        with self._writing(f"rollouts/{path.name}", step):
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
         return path
 
     def write_summary(self, summary: dict) -> None:
-        (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with self._writing("summary.json"):
+            (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def close(self) -> None:
-        self._metrics.close()
+        with self._writing("metrics.jsonl"):
+            self._metrics.close()
         if self.tensorboard is not None:
-            self.tensorboard.close()
+            with self._writing("the TensorBoard events"):
+                self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
 

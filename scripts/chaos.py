@@ -10,6 +10,11 @@ and injects the fault:
   sigint2     two Ctrl-C 50 ms apart: stops at once, without saving this step            -> rc 130
   disk_full   the run directory is a small tmpfs (mounted here, as root) that fills up during a
               checkpoint; without root, RLIMIT_FSIZE makes a large write fail      -> rc != 0, one-line error
+  slow_server the teacher is served (a scoring server in this process, the same tiny teacher) and,
+              from a random step on, sends its answers one byte at a time          -> rc 2, one-line error
+  bad_answer  the served teacher answers a random step with a NaN log-prob         -> rc 2, one-line error
+              (both: the checkpoint of the last finished step is saved; the server is healed, then
+              --resume; distill and rl only, compared with an uninterrupted run on the healthy server)
 Then it resumes (`--resume`, no fault, at most 3 times) and checks: `checkpoints/latest` names a
 loadable checkpoint with finite weights, metrics.jsonl holds steps 0..N exactly once (no torn line),
 and the final weights equal an uninterrupted run's (bit for bit; computed once per method under
@@ -27,7 +32,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
@@ -42,13 +49,118 @@ TINY = ["student.tiny.hidden_size=32", "student.tiny.seed=1", "teacher.tiny.hidd
         "log.tensorboard=false", "eval.every=0", f"train.steps={STEPS}"]
 METHOD_ARGS = {"distill": ["task.name=arithmetic"], "rl": ["task.name=arithmetic"], "sft": ["task.name=arithmetic"],
                "midtrain": ["task.name=knowledge", "task.knowledge.people=4", "data.max_seq_tokens=64"]}
-FAULTS = ["kill9", "sigint", "sigint2", "disk_full"]
+FAULTS = ["kill9", "sigint", "sigint2", "disk_full", "slow_server", "bad_answer"]
+SERVED_FAULTS = ("slow_server", "bad_answer")  # the teacher served over HTTP; distill and rl only
 CHILDREN: list[subprocess.Popen] = []
 MOUNTS: list[Path] = []
 
 
-def launch(method, run_dir, every, out: Path, resume=False, preexec=None) -> subprocess.Popen:
-    cmd = [str(OPD), method, *TINY, *METHOD_ARGS[method], f"checkpoint.every={every}", f"run_dir={run_dir}"]
+class ScoringServer:
+    """TINY's teacher served in vLLM's shapes on 127.0.0.1 (/health, /v1/models, /tokenize,
+    /detokenize, /v1/completions with prompt_logprobs), each sequence scored on its own so the
+    answers do not depend on batching. `fault` (slow | bad) applies from scoring request
+    `fault_from` on: slow sends the answer one byte every 0.2 s, bad gives a NaN log-prob."""
+
+    def __init__(self):
+        import torch.nn.functional as F
+
+        from opd.config import TinyModelConfig
+        from opd.tiny import build_tiny_model, build_tiny_tokenizer
+
+        self.tokenizer = build_tiny_tokenizer()
+        self.model = build_tiny_model(TinyModelConfig(hidden_size=64, seed=2, pretrain_steps=0), self.tokenizer).eval()
+        self.fault, self.fault_from, self.scored = None, 0, 0
+        self.lock, self.healed = threading.Lock(), threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self.reply(200, {"data": [{"id": "chaos-teacher"}]} if self.path == "/v1/models" else {})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                tok = server.tokenizer
+                if self.path == "/tokenize":
+                    ids = tok.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
+                    return self.reply(200, {"tokens": ids, "count": len(ids), "max_model_len": 512})
+                if self.path == "/detokenize":
+                    if max(body["tokens"], default=0) >= len(tok):
+                        return self.reply(400, {"error": {"message": "token id out of vocabulary"}})
+                    return self.reply(200, {"prompt": tok.decode(body["tokens"])})
+                with server.lock:
+                    server.scored += 1
+                    fault = server.fault if server.scored >= server.fault_from else None
+                prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
+                choices = [{"index": i, "prompt_logprobs": server.score(ids, nan=fault == "bad")}
+                           for i, ids in enumerate(prompts)]
+                data = json.dumps({"choices": choices}).encode()
+                if fault != "slow":
+                    return self.reply(200, {"choices": choices})
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    for i in range(len(data)):
+                        if server.healed.wait(0.2):
+                            return
+                        self.wfile.write(data[i:i + 1])
+                        self.wfile.flush()
+                except OSError:  # opd hung up at its deadline, as it should
+                    pass
+
+        self.F = F
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda *args: None
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    @torch.no_grad()
+    def score(self, ids, nan=False):
+        logprobs = self.F.log_softmax(self.model(torch.tensor([ids])).logits[0].float(), -1)
+        entries = [None] + [{str(ids[j]): {"logprob": logprobs[j - 1, ids[j]].item()}} for j in range(1, len(ids))]
+        if nan:
+            entries[-1][str(ids[-1])]["logprob"] = float("nan")
+        return entries
+
+    def break_at(self, fault: str | None, request: int) -> None:
+        with self.lock:
+            self.fault, self.fault_from, self.scored = fault, request, 0
+        self.healed.clear()
+
+    def heal(self) -> None:
+        self.break_at(None, 0)
+        self.healed.set()
+
+
+SERVER: ScoringServer | None = None
+
+
+def served_args() -> list[str]:
+    """The run's teacher on the scoring server: one request per step (and per evaluation), a short
+    whole-request deadline, a short retry window."""
+    global SERVER
+    if SERVER is None:
+        SERVER = ScoringServer()
+    return [f"teacher.url={SERVER.url}", "teacher.rows_per_request=64", "teacher.timeout_s=3",
+            "teacher.retry_for_s=4", "teacher.tiny=null"]
+
+
+def launch(method, run_dir, every, out: Path, resume=False, preexec=None, extra=()) -> subprocess.Popen:
+    cmd = [str(OPD), method, *TINY, *METHOD_ARGS[method], *extra, f"checkpoint.every={every}", f"run_dir={run_dir}"]
     cmd += ["--resume"] if resume else []
     out.with_suffix(".cmd").write_text(" ".join(cmd) + "\n")
     proc = subprocess.Popen(cmd, stdout=open(out.with_suffix(".out"), "w"), stderr=open(out.with_suffix(".err"), "w"),
@@ -90,7 +202,7 @@ def latest(run_dir: Path) -> tuple[int, dict] | None:
     weights = load_safetensors((ckpt / "model" / "model.safetensors").read_bytes())  # no mmap: tmpfs unmounts
     bad = [k for k, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     assert not bad, f"{ckpt.name}: non-finite tensors {bad[:3]}"
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    state = json.loads((ckpt / "trainer_state.json").read_text())  # the step alone: no tensors needed
     assert state["step"] == int(ckpt.name.split("_")[1]), f"{ckpt.name} holds step {state['step']}"
     return state["step"], weights
 
@@ -110,17 +222,22 @@ def rows_at_least(run_dir, n):
     return lambda: path.exists() and path.read_bytes().count(b"\n") >= n
 
 
-def baseline(method: str, out: Path) -> dict:
-    """Final weights of an uninterrupted run (cached), the size of one checkpoint, seconds per step."""
-    base = out / "baseline" / method
+def baseline(method: str, out: Path, served: bool = False) -> dict:
+    """Final weights of an uninterrupted run (cached), the size of one checkpoint, seconds per step.
+    `served`: with the teacher on the (healthy) scoring server."""
+    base = out / "baseline" / (method + ("_served" if served else ""))
+    extra = served_args() if served else []
     done = base / "run" / "checkpoints" / "latest"
     args = base / "args.json"
-    if not done.exists() or not args.exists() or args.read_text() != json.dumps(TINY + METHOD_ARGS[method]):
+    key = json.dumps(TINY + METHOD_ARGS[method] + [e for e in extra if not e.startswith("teacher.url=")])
+    if not done.exists() or not args.exists() or args.read_text() != key:
         shutil.rmtree(base, ignore_errors=True)
         base.mkdir(parents=True)
-        rc = finish(launch(method, base / "run", 1, base / "run_log"))
+        if served:
+            SERVER.heal()
+        rc = finish(launch(method, base / "run", 1, base / "run_log", extra=extra))
         assert rc == 0, f"baseline {method} failed (rc {rc}): see {base}/run_log.err"
-        args.write_text(json.dumps(TINY + METHOD_ARGS[method]))
+        args.write_text(key)
     step, weights = latest(base / "run")
     ckpt = base / "run" / "checkpoints" / f"step_{step:06d}"
     size = sum(-(-p.stat().st_size // 4096) * 4096 for p in ckpt.rglob("*") if p.is_file())
@@ -146,8 +263,12 @@ def inject(fault, method, run_dir: Path, tdir: Path, rng, base, every) -> dict:
             def preexec():
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
                 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    proc = launch(method, run_dir, every, tdir / "fault", preexec=preexec)
     at = rng.randint(2, STEPS - 1)  # metrics rows written before the fault: step 0 (eval) .. at-1
+    extra = served_args() if fault in SERVED_FAULTS else []
+    if extra:  # request 1 is the step-0 evaluation, request n + 1 step n's scoring
+        info["when"] = f"scoring step {at}"
+        SERVER.break_at("slow" if fault == "slow_server" else "bad", at + 1)
+    proc = launch(method, run_dir, every, tdir / "fault", preexec=preexec, extra=extra)
     fired = True
     if fault == "kill9":
         during_ckpt = rng.random() < 0.4
@@ -171,6 +292,8 @@ def inject(fault, method, run_dir: Path, tdir: Path, rng, base, every) -> dict:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGINT)
     rc = finish(proc)
+    if extra:
+        SERVER.heal()  # the server is back for the resumes
     err = (tdir / "fault.err").read_text()
     info.update(rc=rc, stderr_tail=err.strip().splitlines()[-3:])
     summary = run_dir / "summary.json"
@@ -182,7 +305,7 @@ def inject(fault, method, run_dir: Path, tdir: Path, rng, base, every) -> dict:
         return {**info, "problems": problems}
     if not fired:
         problems.append(f"the run exited {rc} before the fault was injected")
-    expected = {"kill9": -9, "sigint": 130, "sigint2": 130}.get(fault)
+    expected = {"kill9": -9, "sigint": 130, "sigint2": 130, "slow_server": 2, "bad_answer": 2}.get(fault)
     if expected is not None and rc != expected:
         problems.append(f"exit code {rc}, expected {expected}")
     if fault == "disk_full":
@@ -195,13 +318,22 @@ def inject(fault, method, run_dir: Path, tdir: Path, rng, base, every) -> dict:
             problems.append(f"the error does not say the disk is full: {lines[0]}")
         if any((run_dir / "checkpoints").glob(".tmp_step_*")):
             problems.append("a partial checkpoint (.tmp_step_*) was left behind")
+    if fault in SERVED_FAULTS:
+        lines = [l for l in err.splitlines() if l.startswith("error:")]
+        info["cli_said"] = lines or err.strip().splitlines()[-1:]
+        if len(lines) != 1 or "Traceback" in err:
+            problems.append(f"expected one 'error:' line, got {info['cli_said']}")
+        elif ("timeout_s" if fault == "slow_server" else "not finite") not in lines[0]:
+            problems.append(f"the error does not name the fault: {lines[0]}")
+        if "saved checkpoint" not in err:
+            problems.append("the error does not name the checkpoint it saved")
     try:
         ckpt = latest(run_dir)
         info["latest_after_fault"] = ckpt and ckpt[0]
-        if fault == "sigint":
+        if fault in ("sigint", *SERVED_FAULTS):
             last = max(metrics_steps(run_dir))
             if ckpt is None or ckpt[0] != last:
-                problems.append(f"Ctrl-C after step {last}: latest is {ckpt and ckpt[0]}, not a checkpoint of it")
+                problems.append(f"{fault} after step {last}: latest is {ckpt and ckpt[0]}, not a checkpoint of it")
     except Exception as e:  # noqa: BLE001 — anything here is a finding
         problems.append(f"after the fault, latest is not loadable: {type(e).__name__}: {e}")
     return {**info, "problems": problems}
@@ -212,8 +344,9 @@ def trial(i, method, fault, out: Path, rng) -> dict:
     shutil.rmtree(tdir, ignore_errors=True)
     tdir.mkdir(parents=True)
     run_dir = tdir / "run"
-    base = baseline(method, out)
-    every = 1 if fault == "disk_full" else rng.choice([1, 2])
+    served = fault in SERVED_FAULTS
+    base = baseline(method, out, served)
+    every = 1 if fault == "disk_full" else rng.choice([1, 2]) if not served else 50  # the failure alone saves
     result = {"trial": i, "method": method, "checkpoint_every": every, "dir": str(tdir),
               **inject(fault, method, run_dir, tdir, rng, base, every)}
     problems = result["problems"]
@@ -222,7 +355,8 @@ def trial(i, method, fault, out: Path, rng) -> dict:
     for attempt in range(1, 4):
         if result.get("missed"):
             break
-        rc = finish(launch(method, run_dir, every, tdir / f"resume{attempt}", resume=True))
+        rc = finish(launch(method, run_dir, every, tdir / f"resume{attempt}", resume=True,
+                           extra=served_args() if served else ()))
         result["resumes"] = attempt
         if rc == 0:
             break
@@ -268,6 +402,9 @@ def main() -> int:
     # balanced: len(methods) * len(faults) trials cover every pair once; the order is seeded
     ms, fs = rng.sample(methods, len(methods)), rng.sample(faults, len(faults))
     plan = [(ms[(i + i // len(fs)) % len(ms)], fs[i % len(fs)]) for i in range(args.trials)]
+    teachers = [m for m in ms if m in ("distill", "rl")] or ["distill"]  # a served teacher scores these
+    plan = [(m if f not in SERVED_FAULTS or m in teachers else teachers[i % len(teachers)], f)
+            for i, (m, f) in enumerate(plan)]
     rng.shuffle(plan)
     start, results = time.time(), []
     try:
@@ -278,7 +415,7 @@ def main() -> int:
             results.append(r)
             status = "ok" if r["passed"] else "FAIL: " + " | ".join(r["problems"])
             extra = (f" ({r.get('mechanism', '')}; latest after it: {r.get('latest_after_fault')}; "
-                     f"CLI said: {r.get('cli_said')})" if fault == "disk_full" else "")
+                     f"CLI said: {r.get('cli_said')})" if fault in ("disk_full", *SERVED_FAULTS) else "")
             print(f"[{i}/{len(plan)}] {method:8s} {fault:9s} {r.get('when', '')} rc={r['rc']} "
                   f"resumes={r.get('resumes', 0)}{' (fault missed)' if r.get('missed') else ''}{extra} "
                   f"{r['seconds']}s  {status}", flush=True)

@@ -116,7 +116,7 @@ def test_any_failed_checkpoint_write_is_one_clear_error_and_a_full_disk_says_so(
         raise RuntimeError("basic_ios::clear: iostream error")
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    monkeypatch.setattr(ckpt.state_file, "save_file", failing_save)
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage(free + 1, 1, free))
     with pytest.raises(ckpt.CheckpointWriteError) as err:
         train(cfg, resume=True)

@@ -19,7 +19,9 @@ from opd.cli.main import app
 from opd.config import LossConfig, ModelConfig, OptimConfig
 from opd.data import PromptDataError, read_documents, read_records
 from opd.learner.checkpoint import (CheckpointWriteError, CorruptCheckpointError, NonFiniteWeightsError,
-                                    _prune, latest_checkpoint, load_trainer_state, load_weights, save_checkpoint)
+                                    _prune, latest_checkpoint, load_trainer_state, load_weights, rng_state,
+                                    save_checkpoint)
+from opd.learner import state_file
 from opd.learner.learner import Learner
 from opd.models import CorruptModelError, ModelNotFoundError, load_model, load_tokenizer
 from opd.run_dir import MetricsFileError, RunDirectoryError, RunLock, RunLog, TornLineWarning, read_metrics
@@ -149,7 +151,7 @@ def _learner(model):
 
 
 def _state(step):
-    return {"step": step, "totals": {}}
+    return {"step": step, "totals": {}, "config": {}, "learner": {}, "rng": rng_state()}
 
 
 def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path, model_and_tokenizer):
@@ -175,8 +177,8 @@ def test_pruning_never_removes_the_checkpoint_latest_names_nor_the_newest(tmp_pa
 
 
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
-                                     RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter "
-                                                  "failed writing file data/0: file write failed")])
+                                     RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                                  'message: "No space left on device" })')])
 def test_no_space_left_while_checkpointing_is_one_clear_error_and_latest_stays(tmp_path, monkeypatch,
                                                                              model_and_tokenizer, failure):
     model, tok = model_and_tokenizer
@@ -187,7 +189,7 @@ def test_no_space_left_while_checkpointing_is_one_clear_error_and_latest_stays(t
             f.write(b"partial")
         raise failure
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(state_file, "save_file", full_disk)  # the trainer state's tensors
     with pytest.raises(CheckpointWriteError) as err:
         save_checkpoint(tmp_path, 2, _learner(model), tok, _state(2), keep_last=2)
     message = str(err.value)
@@ -205,10 +207,11 @@ def test_a_truncated_checkpoint_file_is_named(tmp_path, model_and_tokenizer):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(CorruptCheckpointError, match=str(weights)):
         load_weights(model, checkpoint / "model")
-    state = checkpoint / "trainer_state.pt"
-    state.write_bytes(state.read_bytes()[:40])
-    with pytest.raises(CorruptCheckpointError, match=str(state)):
-        load_trainer_state(checkpoint)
+    for name in ("trainer_state.safetensors", "trainer_state.json"):
+        state = checkpoint / name
+        state.write_bytes(state.read_bytes()[:40])
+        with pytest.raises(CorruptCheckpointError, match=str(state)):
+            load_trainer_state(checkpoint)
 
 
 def test_a_truncated_lora_adapter_is_named(tmp_path):
@@ -413,8 +416,8 @@ def test_an_interrupted_run_prints_its_summary_and_exits_130(tmp_path, monkeypat
 
     real_train = opd.loop.train
 
-    def stopped_after_one_step(cfg, resume=False, console=None):  # as a Ctrl-C after the first step
-        return real_train(cfg, resume=resume, console=console, stop_after=1)
+    def stopped_after_one_step(cfg, resume=False, console=None, **kw):  # as a Ctrl-C after the first step
+        return real_train(cfg, resume=resume, console=console, stop_after=1, **kw)
 
     monkeypatch.setattr(opd.loop, "train", stopped_after_one_step)
     run = tmp_path / "run"

@@ -64,7 +64,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tiny_config, tm
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt.torch, "save", crash)
+    monkeypatch.setattr(ckpt.state_file, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         train(tiny_config("train.steps=4", run_dir=run_dir), resume=True)
     monkeypatch.undo()

@@ -67,17 +67,20 @@ def _fail(err: Exception) -> typer.Exit:
 def _user_errors():
     """Errors that are the user's input, shown as one clear message instead of a traceback."""
     from opd.data import PromptDataError
-    from opd.learner.checkpoint import CheckpointWriteError, CorruptCheckpointError, NonFiniteWeightsError
+    from opd.learner.checkpoint import (CheckpointWriteError, CorruptCheckpointError, NonFiniteWeightsError,
+                                        UntrustedCheckpointError)
     from opd.loop import NonFiniteTrainingError
     from opd.models import ModelNotFoundError
     from opd.run_dir import RunDirectoryError
+    from opd.sampler.vllm import SamplerServerError
     from opd.tasks import GraderError
     from opd.teacher.errors import TeacherResponseError, TeacherUnavailableError
     from opd.tokenizer_check import TokenizerMismatchError
 
     return (ConfigError, PromptDataError, ModelNotFoundError, TokenizerMismatchError, RunDirectoryError,
             GraderError, FileNotFoundError, ImportError, CheckpointWriteError, CorruptCheckpointError,
-            NonFiniteWeightsError, NonFiniteTrainingError, TeacherUnavailableError, TeacherResponseError)
+            NonFiniteWeightsError, NonFiniteTrainingError, TeacherUnavailableError, TeacherResponseError,
+            UntrustedCheckpointError, SamplerServerError)
 
 
 INTERRUPTED = 130  # the shell's code for Ctrl-C: `opd distill ... && next-step` does not carry on
@@ -88,11 +91,11 @@ def _interrupted(message: str) -> typer.Exit:
     return typer.Exit(INTERRUPTED)
 
 
-def _run(cfg, resume: bool) -> dict:
+def _run(cfg, resume: bool, trust_checkpoint: bool = False) -> dict:
     from opd.loop import train
 
     try:
-        return train(cfg, resume=resume, console=console)
+        return train(cfg, resume=resume, console=console, trust_checkpoint=trust_checkpoint)
     except _user_errors() as err:
         raise _fail(err)
     except KeyboardInterrupt:  # Ctrl-C twice: stopped at once, without a checkpoint of this step
@@ -124,12 +127,15 @@ def _register(method: str) -> None:
         overrides: Optional[List[str]] = typer.Argument(None, help="dotted key=value settings, e.g. optim.lr=3e-4"),
         config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run configuration"),
         resume: bool = typer.Option(False, "--resume", help="continue the run in run_dir from its last checkpoint"),
+        trust_checkpoint: bool = typer.Option(
+            False, "--trust-checkpoint", help="with --resume: read a checkpoint of an older opd (a pickle, which can "
+                                              "run code: only one whose origin you trust)"),
     ):
         try:
             cfg = _method_config(method, config, overrides or [])
         except ConfigError as err:
             raise _fail(err)
-        summary = _run(cfg, resume)
+        summary = _run(cfg, resume, trust_checkpoint)
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone prints the summary
             _print_summary(summary)
         if summary.get("interrupted"):
@@ -265,6 +271,9 @@ def pipeline(
         None, help="dotted key=value settings for every phase, or for one: midtrain:train.steps=50"),
     resume: bool = typer.Option(False, "--resume", help="skip finished phases; continue the unfinished one"),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="instead of the file's run_dir"),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
+                                          help="with --resume: read an older opd's checkpoint (a pickle, which can run "
+                                               "code: only one whose origin you trust)"),
 ):
     """Phases in order, each an ordinary run (midtrain, sft, distill, rl) or an evaluation in its own
     folder; a phase's student or teacher can be an earlier phase's model ({phase: NAME}). Ends with
@@ -272,7 +281,7 @@ def pipeline(
     from opd.pipeline import PipelineInterrupted, run_pipeline
 
     try:
-        run_pipeline(config, overrides or [], resume, console, run_dir)
+        run_pipeline(config, overrides or [], resume, console, run_dir, trust_checkpoint=trust_checkpoint)
     except _user_errors() as err:
         raise _fail(err)
     except PipelineInterrupted as err:

@@ -1,14 +1,17 @@
 """Checkpoints a user can read without opd, written so that a crash never breaks "latest".
 
     run_dir/checkpoints/step_000050/model/          Hugging Face directory (full weights or LoRA adapter + tokenizer)
-    run_dir/checkpoints/step_000050/trainer_state.pt optimizer, scheduler, RNG states, step, running totals
+    run_dir/checkpoints/step_000050/trainer_state.json (+ .safetensors) optimizer, scheduler, RNG states,
+                                                     step, running totals (opd.learner.state_file)
     run_dir/checkpoints/latest                       name of the newest complete checkpoint
 
 A checkpoint is written to a temporary directory and renamed into place; `latest` is rewritten by
 an atomic file replace after that. Old checkpoints beyond `keep_last` are removed afterwards, never
 the one `latest` names nor the newest. Weights that are not finite (a diverged run) are refused
 before anything is written (NonFiniteWeightsError); a write that fails (no space left) removes
-its partial copy and leaves `latest` as it was (CheckpointWriteError).
+its partial copy and leaves `latest` as it was (CheckpointWriteError). Reading a checkpoint runs
+no code: the trainer state of an older opd (a pickle, trainer_state.pt) is read only when the
+caller trusts it (`--trust-checkpoint`), else UntrustedCheckpointError.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+
+from opd.learner import state_file
+from opd.learner.state_file import UntrustedCheckpointError  # noqa: F401  (raised by load_trainer_state)
 
 
 class NonFiniteWeightsError(ValueError):
@@ -132,7 +138,7 @@ def save_checkpoint(run_dir: Path, step: int, learner, tokenizer, trainer_state:
             # base named by its GGUF file has none of; opd never resizes them
             warnings.filterwarnings("ignore", message="Could not find a config file in")
             learner.save(tmp / "model", tokenizer)
-        torch.save(trainer_state, tmp / "trainer_state.pt")
+        state_file.write(tmp, trainer_state)
         if final.exists():  # a checkpoint of this step from an earlier, interrupted attempt
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -144,7 +150,7 @@ def save_checkpoint(run_dir: Path, step: int, learner, tokenizer, trainer_state:
             latest_tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(root)
-    except Exception as err:  # torch.save reports a failed write as a RuntimeError in its own words
+    except Exception as err:  # safetensors reports a failed write in its own words
         full = _no_space(err) or _disk_full(root)  # before the partial copy is removed and frees space
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "no space left on the device" if full else f"{type(err).__name__}: {err}"
@@ -173,17 +179,37 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = pointer.parent / pointer.read_text().strip()
-    if not (path / "trainer_state.pt").is_file():
+    if not has_trainer_state(path):
         raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete")
     return path
 
 
-def load_trainer_state(checkpoint: Path) -> dict:
-    path = Path(checkpoint) / "trainer_state.pt"
+def has_trainer_state(checkpoint: Path) -> bool:
+    """Whether `checkpoint` is a checkpoint directory of a run (of this opd or an older one)."""
+    return any((Path(checkpoint) / name).is_file() for name in (state_file.JSON_NAME, state_file.LEGACY_NAME))
+
+
+def load_trainer_state(checkpoint: Path, trust_pickle: bool = False) -> dict:
+    """The trainer state of `checkpoint`. Loading it runs no code; an older opd's pickle
+    (trainer_state.pt) is read only with `trust_pickle` (the user's --trust-checkpoint), else
+    UntrustedCheckpointError says why and how."""
+    checkpoint = Path(checkpoint)
+    path = checkpoint / state_file.JSON_NAME
+    if not path.is_file() and (checkpoint / state_file.LEGACY_NAME).is_file():
+        return _load_pickled_state(checkpoint / state_file.LEGACY_NAME, trust_pickle)
     try:
-        return torch.load(path, weights_only=False)
+        return state_file.read(checkpoint, _load_safetensors)
     except FileNotFoundError:
         raise
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:  # torn JSON, or not a state
+        raise CorruptCheckpointError(f"{path} cannot be read (truncated or corrupt?): {err}") from None
+
+
+def _load_pickled_state(path: Path, trusted: bool) -> dict:
+    if not trusted:
+        raise UntrustedCheckpointError(state_file.untrusted_message(path))
+    try:
+        return torch.load(path, weights_only=False)
     except Exception as err:  # a truncated zip, or a file that is not one (pickle's errors)
         raise CorruptCheckpointError(f"{path} cannot be read (truncated or corrupt?): {err}") from None
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -173,37 +174,55 @@ class VLLMServerSampler(_VLLMBase):
 
     def __init__(self, url: str, export_policy: Callable[[Path], None], tokenizer, cfg: SamplingConfig,
                  sync_dir: Path, eos_ids: list[int], requests_in_flight: int = 16):
-        import httpx
+        from opd import http_client
 
         super().__init__(tokenizer, cfg, eos_ids)
         self.url = url.rstrip("/")
         self.export_policy = export_policy
         self.sync_dir = Path(sync_dir)
-        self.client = httpx.Client(timeout=httpx.Timeout(cfg.timeout_s, connect=10.0))
+        try:  # every request ends by sampling.timeout_s (a whole-request deadline), its answer capped
+            self.client = http_client.make_client(
+                self.url, cfg.timeout_s, requests_in_flight, http_client.api_key_header(cfg.api_key_env, "sampling"),
+                http_client.tls_verification(cfg.tls_verify, cfg.ca_bundle, "sampling"))
+        except (http_client.MissingApiKey, FileNotFoundError) as err:
+            raise ConfigError(str(err)) from None
+        self.closing = threading.Event()  # set by close(): requests in flight stop
         self.pool = ThreadPoolExecutor(max_workers=requests_in_flight)
         self.model = cfg.served_model or self._first_model()
 
     def _post(self, path: str, payload: dict) -> dict:
         import httpx
 
+        from opd import http_client
+
         try:
-            response = self.client.post(self.url + path, json=payload)
-        except httpx.HTTPError as err:
+            response = http_client.request(self.client, "POST", path, payload, max_bytes=self._max_bytes,
+                                           cancel=(self.closing,))
+        except (httpx.HTTPError, http_client.ResponseTooLarge, http_client.RequestCancelled) as err:
             raise SamplerServerError(f"the student server at {self.url} did not answer {path}: "
-                                     f"{type(err).__name__}: {err}") from None
+                                     f"{type(err).__name__}: {err} (sampling.timeout_s={self.cfg.timeout_s:g}, "
+                                     f"sampling.max_response_mb={self.cfg.max_response_mb:g})") from None
         if response.status_code != 200:
             hint = (" (start the server with VLLM_SERVER_DEV_MODE=1: the weight reload goes through "
                     "/collective_rpc)") if path == "/collective_rpc" and response.status_code == 404 else ""
             raise SamplerServerError(f"the student server at {self.url} refused {path}: HTTP "
                                      f"{response.status_code} {response.text[:300]}{hint}")
-        return response.json() if response.content else {}
+        try:
+            return response.json() if response.content else {}
+        except ValueError:
+            raise SamplerServerError(f"the student server at {self.url} answered {path} with a body that is not "
+                                     f"JSON: {response.text[:200]}") from None
 
     def _first_model(self) -> str:
         import httpx
 
+        from opd import http_client
+
         try:
-            models = self.client.get(self.url + "/v1/models").json()["data"]
-        except (httpx.HTTPError, ValueError, KeyError) as err:
+            answer = http_client.request(self.client, "GET", "/v1/models", max_bytes=self._max_bytes,
+                                         cancel=(self.closing,))
+            models = answer.json()["data"]
+        except (httpx.HTTPError, http_client.ResponseTooLarge, ValueError, KeyError, TypeError) as err:
             raise SamplerServerError(f"no vLLM server at sampling.url={self.url} ({type(err).__name__}: {err}); "
                                      f"start one, e.g. VLLM_SERVER_DEV_MODE=1 vllm serve <student dir>") from None
         return models[0]["id"]
@@ -226,7 +245,12 @@ class VLLMServerSampler(_VLLMBase):
         results = list(self.pool.map(one, zip(rows, seeds)))
         return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
 
+    @property
+    def _max_bytes(self) -> int:
+        return int(self.cfg.max_response_mb * 2**20)
+
     def close(self) -> None:
+        self.closing.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 

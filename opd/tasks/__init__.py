@@ -5,6 +5,9 @@ records are graded by a named grader or a user function (graders.py). `grade` pi
 a record calls for:
   - a `task` field naming a built-in task -> that task's grader;
   - else a `grader` field, or the run's default (`data.grader`) -> that grader, with `answer`.
+A record's own `grader` may name only a built-in grader (exact, numeric, regex, math): a data file
+is not the user's code, so a `module:function` grader, which imports and calls anything, comes
+only from the run config (`data.grader`).
 
 Every record is a JSON-serialisable dict with `messages` (one user turn), `task`, what its grader
 needs, and, where a reference solution exists, `completion`: what an ideal assistant writes.
@@ -17,13 +20,14 @@ from typing import TYPE_CHECKING, Callable
 
 from opd.tasks import arithmetic, instruction, knowledge
 from opd.tasks.base import Grade, GraderError
-from opd.tasks.graders import resolve_grader
+from opd.tasks.graders import NAMED, resolve_grader
 from opd.tasks.streams import split_records
 
 if TYPE_CHECKING:
     from opd.config import TaskConfig
 
-__all__ = ["Grade", "GraderError", "make_records", "documents", "grade", "is_graded", "resolve_grader", "TASK_GRADERS"]
+__all__ = ["Grade", "GraderError", "make_records", "documents", "grade", "is_graded", "resolve_grader", "TASK_GRADERS",
+           "check_record_graders"]
 
 TASK_GRADERS: dict[str, Callable[[dict, str], Grade]] = {
     "arithmetic": arithmetic.grade_arithmetic,
@@ -73,7 +77,22 @@ def built_in_task(record: dict) -> str | None:
 
 
 def grader_spec(record: dict, default_grader: str | None) -> str | None:
-    return record.get("grader") or default_grader
+    """The grader a record is graded by: its own `grader` (built-in names only), else the config's."""
+    own = record.get("grader")
+    if not own:
+        return default_grader
+    if not isinstance(own, str) or own.strip() not in NAMED:
+        raise GraderError(f"a record names the grader {own!r}, and a data file may name only a built-in grader "
+                          f"({', '.join(sorted(NAMED))}): a module:function grader runs code, so it is taken only "
+                          f"from the run config (data.grader); record keys: {sorted(record)}")
+    return own
+
+
+def check_record_graders(records) -> None:
+    """Refuse, before any work, a record whose `grader` is not a built-in grader."""
+    for record in records:
+        if built_in_task(record) is None:
+            grader_spec(record, None)
 
 
 def grade(record: dict, completion: str, default_grader: str | None = None) -> Grade:

@@ -9,3 +9,10 @@ class TeacherUnavailableError(RuntimeError):
 class TeacherResponseError(RuntimeError):
     """A teacher answered with something that cannot be what was asked (wrong length, a missing
     token, a non-finite log-prob): a bug or a misconfigured server, never retried."""
+
+
+def what_to_do(err: Exception) -> str:
+    """The fix a teacher failure asks for, before `--resume`."""
+    if isinstance(err, TeacherUnavailableError):
+        return "restart the server"
+    return "fix what this names (the server, or the teacher settings)"

@@ -46,7 +46,8 @@ from pathlib import Path
 import httpx
 import torch
 
-from opd.config import ModelConfig
+from opd import http_client
+from opd.config import ConfigError, ModelConfig
 from opd.flops import ModelCost
 from opd.roles import TeacherScores
 from opd.rollouts import Rollouts
@@ -119,10 +120,14 @@ class RemoteTeacher:
         self.backend = spec.backend
         self.top_k = spec.top_k
         self.output_size, self.cost = _local_model_facts(spec.tokenizer)
-        timeout = httpx.Timeout(spec.timeout_s, connect=min(spec.timeout_s, self.health_timeout_s))
-        limits = httpx.Limits(max_connections=spec.requests_in_flight,
-                              max_keepalive_connections=spec.requests_in_flight)
-        self._clients = {url: httpx.Client(base_url=url, timeout=timeout, limits=limits) for url in self.urls}
+        try:
+            headers = http_client.api_key_header(spec.api_key_env, "teacher")
+            verify = http_client.tls_verification(spec.tls_verify, spec.ca_bundle, "teacher")
+        except (http_client.MissingApiKey, FileNotFoundError) as err:
+            raise ConfigError(str(err)) from None
+        self._clients = {url: http_client.make_client(url, spec.timeout_s, spec.requests_in_flight, headers, verify,
+                                                      connect_s=self.health_timeout_s) for url in self.urls}
+        self._closing = threading.Event()  # set by close(): requests in flight stop at once
         self._pool = ThreadPoolExecutor(spec.requests_in_flight, thread_name_prefix="opd-teacher")
         self._models: dict[str, str | None] = {url: spec.served_model for url in self.urls}
         self._next_url = itertools.count()
@@ -143,6 +148,7 @@ class RemoteTeacher:
     # --- lifecycle ---
 
     def close(self) -> None:
+        self._closing.set()  # a request in flight (a server that hangs) stops within a fraction of a second
         self._pool.shutdown(wait=True, cancel_futures=True)
         for client in self._clients.values():
             client.close()
@@ -162,16 +168,18 @@ class RemoteTeacher:
             paths = ["/health", "/v1/models"] if self.backend == "vllm" else ["/health", "/get_model_info"]
             for path in paths:
                 try:
-                    response = self._clients[url].get(path, timeout=self.health_timeout_s)
-                except httpx.HTTPError as err:
+                    response = http_client.request(self._clients[url], "GET", path, timeout_s=self.health_timeout_s,
+                                                   max_bytes=1 << 20, cancel=(self._closing,))
+                except (httpx.HTTPError, http_client.ResponseTooLarge) as err:
                     raise TeacherUnavailableError(
                         f"cannot reach the teacher server at {url}: {_one_line(_describe(err))}") from None
                 if response.status_code == 404 and path != paths[-1]:
                     continue
                 if response.status_code >= 400:
+                    hint = _key_hint(response.status_code, self.spec.api_key_env)
                     raise TeacherUnavailableError(
                         f"the teacher server at {url} is not ready: GET {path} answered HTTP {response.status_code} "
-                        f"{_one_line(response.text, 200)}")
+                        f"{_one_line(response.text, 200)}{hint}")
                 break
             self._model(url)
         names = {self._models[url] for url in self.urls}
@@ -210,13 +218,21 @@ class RemoteTeacher:
 
         def encode(text: str) -> list[int]:
             body = self._probe(url, "/tokenize", {"model": model, "prompt": text, "add_special_tokens": False})
+            tokens = body.get("tokens") if isinstance(body, dict) else None
+            if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+                raise TeacherResponseError(f"the teacher server at {url} answered POST /tokenize with "
+                                           f"{_one_line(body, 120)}, not {{\"tokens\": [int, ...]}}")
             if self.max_model_len is None and isinstance(body.get("max_model_len"), int):
                 self.max_model_len = body["max_model_len"]
-            return body["tokens"]
+            return tokens
 
         def decode(ids: list[int]) -> str:
             body = self._probe(url, "/detokenize", {"model": model, "tokens": ids})
-            return body["prompt"] if "prompt" in body else body["text"]
+            text = (body.get("prompt", body.get("text")) if isinstance(body, dict) else None)
+            if not isinstance(text, str):
+                raise TeacherResponseError(f"the teacher server at {url} answered POST /detokenize with "
+                                           f"{_one_line(body, 120)}, not {{\"prompt\": text}}")
+            return text
 
         try:
             encode("Hello")
@@ -351,9 +367,18 @@ class RemoteTeacher:
             if cancel is not None and cancel.is_set():
                 raise _Cancelled()
             try:
-                response = client.request(method, path, json=payload)
-            except httpx.TransportError as err:  # connect / read / write errors and timeouts
+                response = http_client.request(client, method, path, payload, timeout_s=self.spec.timeout_s,
+                                               max_bytes=int(self.spec.max_response_mb * 2**20),
+                                               cancel=(cancel, self._closing))
+            except http_client.RequestCancelled:
+                raise _Cancelled() from None
+            except http_client.ResponseTooLarge as err:  # a misbehaving server: its answer is not read on
+                raise TeacherResponseError(f"the teacher server at {url} answered {what} with too much: {err} "
+                                           f"(teacher.max_response_mb={self.spec.max_response_mb:g})") from None
+            except httpx.TransportError as err:  # connect / read / write errors, and the whole request's timeout
                 last = _describe(err)
+                if isinstance(err, httpx.TimeoutException):
+                    last += f" (no complete answer within teacher.timeout_s={self.spec.timeout_s:g})"
             else:
                 if response.status_code < 400:
                     try:
@@ -363,7 +388,8 @@ class RemoteTeacher:
                                                    f"not JSON: {_one_line(response.text, 200)}") from None
                 if response.status_code != 429 and response.status_code < 500:
                     raise TeacherRequestError(f"the teacher server at {url} refused {what} (HTTP "
-                                              f"{response.status_code}): {_one_line(response.text, 500)}",
+                                              f"{response.status_code}): {_one_line(response.text, 500)}"
+                                              f"{_key_hint(response.status_code, self.spec.api_key_env)}",
                                               response.status_code)
                 last = f"HTTP {response.status_code} {_one_line(response.text, 200)}"
             elapsed = time.monotonic() - first
@@ -376,11 +402,8 @@ class RemoteTeacher:
             if retry == 0:
                 log.warning("teacher server %s failed %s (%s); retrying for up to %.0f s", url, what, last,
                             self.spec.retry_for_s)
-            if cancel is not None:
-                if cancel.wait(delay):
-                    raise _Cancelled()
-            else:
-                time.sleep(delay)
+            if (cancel or self._closing).wait(delay) or self._closing.is_set():
+                raise _Cancelled()
             retry += 1
             if count:
                 with self._lock:
@@ -408,6 +431,16 @@ class RemoteTeacher:
 
 
 # --- pieces with no HTTP in them ---
+
+
+def _key_hint(status: int, api_key_env: str | None) -> str:
+    """What a refused key asks for (the key itself is never shown)."""
+    if status not in (401, 403):
+        return ""
+    if api_key_env is None:
+        return (" (a protected server: set teacher.api_key_env to the name of the environment variable that holds "
+                "its key)")
+    return f" (the key in ${api_key_env} was refused: rotated, or for another server?)"
 
 
 def _describe(err: Exception) -> str:
@@ -489,8 +522,10 @@ def _topk(candidates: list[tuple[int, float]], k: int, url: str, sequence: _Sequ
     errors, -inf entries are dropped (padding)."""
     checked = []
     for token, value in candidates:
-        if value is None or (isinstance(value, float) and math.isnan(value)) or value > LOGPROB_TOLERANCE:
-            raise _invalid(url, sequence, column, f"top-k log-prob of token {token} is {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+                or value > LOGPROB_TOLERANCE:
+            raise _invalid(url, sequence, column, f"top-k log-prob of token {token} is {_one_line(repr(value), 60)}, "
+                                                  f"not a log-probability")
         if value > float("-inf"):
             checked.append((int(token), float(value)))
     checked.sort(key=lambda entry: -entry[1])
