@@ -62,7 +62,8 @@ def step_advantages(cfg: RunConfig, rollouts: Rollouts, scores: TeacherScores | 
     return compute_advantages(rollouts.completion_mask, rollouts.behaviour_logprobs,
                               scores.logprobs if scores is not None else None,
                               kl_coef=cfg.loss.kl_coef, discount=cfg.loss.discount,
-                              rewards=rewards, group_ids=rollouts.group_ids, divide_by_std=cfg.rl.divide_by_std)
+                              rewards=rewards, group_ids=rollouts.group_ids, divide_by_std=cfg.rl.divide_by_std,
+                              chunks=scores.chunks if scores is not None else None)
 
 
 def teacher_scores_training(cfg: RunConfig, components: Components) -> bool:
