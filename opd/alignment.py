@@ -13,6 +13,7 @@ With one tokenizer every chunk is one token on each side.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are not (yet) a whole character
@@ -26,11 +27,57 @@ def _decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def byte_ends(tokenizer, ids: list[int]) -> tuple[str, list[float]]:
+def _gpt2_byte_map() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in kept:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTE_MAP = _gpt2_byte_map()
+_BYTE_LEVEL: dict[int, bool] = {}  # id(backend tokenizer) -> whether its decoder is byte-level
+
+
+def _is_byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    if id(backend) not in _BYTE_LEVEL:
+        decoder = json.loads(backend.to_str()).get("decoder") or {}
+        kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", []) or []]
+        _BYTE_LEVEL[id(backend)] = "ByteLevel" in kinds
+    return _BYTE_LEVEL[id(backend)]
+
+
+def raw_bytes(tokenizer, token_id: int) -> bytes | None:
+    """The bytes a token stands for where the tokenizer says so exactly: a byte-fallback token
+    (`<0xE2>`) or a byte-level BPE token; None otherwise (its bytes are only known by decoding)."""
+    token = tokenizer.convert_ids_to_tokens(token_id)
+    if not isinstance(token, str):
+        return None
+    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        try:
+            return bytes([int(token[3:5], 16)])
+        except ValueError:
+            return None
+    if _is_byte_level(tokenizer) and all(c in _BYTE_MAP for c in token):
+        return bytes(_BYTE_MAP[c] for c in token)
+    return None
+
+
+def byte_ends(tokenizer, ids: list[int], raw=raw_bytes) -> tuple[str, list[float]]:
     """(text, ends): the text of `ids` and, for each token, the byte offset where it ends in the
-    text's UTF-8 encoding; an end inside a character is written as that character's first byte + 0.5
-    (it can never coincide with a boundary). A trailing partial character (a completion cut in the
-    middle of one) is not part of the text; its tokens end past the text's length."""
+    text's UTF-8 encoding. A token that ends inside a character ends at an exact byte when the bytes
+    of the tokens since the last whole character are known (`raw`: byte-level and byte-fallback
+    tokens); otherwise at that character's first byte + 0.5, which can coincide with no boundary. A
+    trailing partial character (a completion cut in the middle of one) is not part of the text;
+    its tokens end past the text's length."""
     prefixes = tokenizer.batch_decode([ids[:k] for k in range(1, len(ids) + 1)], skip_special_tokens=False,
                                       clean_up_tokenization_spaces=False) if ids else []
     full = prefixes[-1] if prefixes else ""
@@ -38,17 +85,27 @@ def byte_ends(tokenizer, ids: list[int]) -> tuple[str, list[float]]:
     if REPLACEMENT in text:
         raise AlignmentError("the text holds bytes that are not UTF-8 (a U+FFFD inside it)")
     encoded = text.encode("utf-8")
-    ends = []
-    for prefix in prefixes:
+    ends, whole, since = [], 0, b""  # `whole`: the end of the last whole character; `since`: bytes after it
+    for k, prefix in enumerate(prefixes):
         stable = prefix.rstrip(REPLACEMENT)
         if not text.startswith(stable):
             raise AlignmentError("decoding the ids one more at a time does not extend the text (the decoder "
                                  "rewrites earlier characters)")
         end = len(stable.encode("utf-8"))
-        if len(stable) < len(prefix):  # the token ends inside the next character
-            ends.append(end + 0.5 if end < len(encoded) else len(encoded) + 0.5)
-        else:
+        if len(stable) == len(prefix):
             ends.append(float(end))
+            whole, since = end, b""
+            continue
+        # the token ends inside the next character
+        piece = raw(tokenizer, ids[k]) if since is not None else None
+        if piece is None or not 0 <= end - whole <= len(since + piece):
+            since = None
+        else:  # the known bytes since the last whole character, less those now in whole characters
+            since, whole = (since + piece)[end - whole:], end
+        if since and encoded[whole:whole + len(since)] == since and whole + len(since) < len(encoded):
+            ends.append(float(whole + len(since)))
+        else:
+            ends.append(end + 0.5 if end < len(encoded) else len(encoded) + 0.5)
     return text, ends
 
 

@@ -39,6 +39,11 @@ def test_byte_ends_tile_the_utf8_text(text):
     decoded, ends = byte_ends(tok, ids)
     assert decoded == text
     data = text.encode("utf-8")
+    # byte-level tokens: every end is exact, the tokens' own bytes
+    assert ends == list(itertools.accumulate(float(len(byte_level_bytes(tok, i))) for i in ids))
+    # by decoding alone, an end inside a character is only known to be inside it
+    decoded, ends = byte_ends(tok, ids, raw=lambda tokenizer, token_id: None)
+    assert decoded == text
     exact = [int(e) for e in ends if e == int(e)]
     assert exact == sorted(exact) and exact[-1] == len(data)
     for e in ends:  # an end inside a character is marked .5, every exact end is a character boundary
@@ -52,10 +57,12 @@ def test_tokens_that_split_a_character_close_no_chunk():
     tok = tokenizer(STUDENT)
     ids = tok.encode("é🙂", add_special_tokens=False)
     assert len(ids) == 6  # two bytes, four bytes: byte-level pieces
-    _, ends = byte_ends(tok, ids)
+    assert byte_ends(tok, ids)[1] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # exact bytes: byte-level tokens
+    _, ends = byte_ends(tok, ids, raw=lambda tokenizer, token_id: None)
     assert ends == [0.5, 2.0, 2.5, 2.5, 2.5, 6.0]
     student, teacher, chunks = align(ends, [2.0, 6.0])
     assert (student, teacher, chunks) == ([0, 0, 1, 1, 1, 1], [0, 1], 2)
+    assert align([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [1.0, 2.0, 4.0, 6.0])[2] == 4  # inside a character too
 
 
 def test_a_completion_cut_inside_a_character_keeps_its_whole_text():
@@ -80,7 +87,9 @@ def test_alignment_of_two_tokenizers_on_multibyte_text():
         s_bytes = s.decode([i for i, c in zip(ids, a.student_chunk) if c == k]).encode()
         t_bytes = t.decode([i for i, c in zip(a.teacher_ids, a.teacher_chunk) if c == k]).encode()
         assert s_bytes == t_bytes, (k, s_text[k])
-    assert max(sz[1] for sz in a.sizes()) > 1 and 1 < a.chunks < len(ids)
+    assert max(sz[1] for sz in a.sizes()) > 1 and 1 < a.chunks <= len(ids)
+    swapped = align_row(t, s, t.encode(text, add_special_tokens=False), False, [s.eos_token_id])
+    assert max(sz[0] for sz in swapped.sizes()) > 1  # the smaller vocabulary's tokens grouped under one
 
 
 def test_rows_that_do_not_decode_back_are_refused():
@@ -156,8 +165,10 @@ def byte_level_bytes(tok, token_id: int) -> bytes:
     return bytes(table[c] for c in tok.convert_ids_to_tokens(token_id))
 
 
-WORDS = ["Ġriver", "Ġsea", "Ġis", "Ġ"]  # "Ġ" (a space) is followed by a character written byte by byte
-EXACT_NEXT = {"Ġ": ["Ã", "ð"], "Ã": ["©", "¨"], "ð": ["Ł"], "Ł": ["Ļ"], "Ļ": ["Ĥ", "ĥ"]}  # é è 🙂 🙃
+# "Ġ" (a space) is followed by a character written byte by byte; " t" by "he", which the teacher
+# writes as one token (" the"): chunks of several tokens on either side, each decided by the tokens before it.
+WORDS = ["Ġriver", "Ġsea", "Ġis", "Ġ", "Ġt"]
+EXACT_NEXT = {"Ġ": ["Ã", "ð"], "Ã": ["©", "¨"], "ð": ["Ł"], "Ł": ["Ļ"], "Ļ": ["Ĥ", "ĥ"], "Ġt": ["he"]}  # é è 🙂 🙃
 PIECES = ["Ġth", "e", "a", "Ġsea"]  # " th" + "e" is one teacher token (" the"), " th" + "a" three: it depends on what follows
 
 
@@ -251,11 +262,11 @@ def independent_chunks(y):
             out.append(at)
         return out
 
-    boundary = lambda b: b == len(data) or (data[b] & 0xC0) != 0x80  # noqa: E731 (a character starts there)
     s_ends = ends(s, s.convert_tokens_to_ids(list(y[:-1])))
     t_ids = canonical_teacher_ids(y)
     t_ends = ends(t, t_ids[:-1])
-    cuts = sorted({e for e in s_ends if boundary(e)} & set(t_ends))
+    assert b"".join(byte_level_bytes(t, i) for i in t_ids[:-1]) == data
+    cuts = sorted(set(s_ends) & set(t_ends))  # byte-level tokens: exact bytes, inside characters too
     of = lambda e: sum(c < e for c in cuts)  # noqa: E731
     n = len(cuts)
     return [of(e) for e in s_ends] + [n], t_ids, [of(e) for e in t_ends] + [n]
@@ -340,3 +351,86 @@ def test_canonical_tokenization_underestimates_the_teachers_probability_of_the_t
     gaps = canonical_gap(WORDS, 1)
     assert min(gaps) >= -1e-6  # the canonical tokenization is one of the segmentations summed
     assert max(gaps) > 0  # and others carry probability too
+
+
+# --- with one tokenizer, cross mode is today's estimator exactly; the loop and its metrics ---
+
+def test_equal_tokenizers_give_bit_identical_scores_and_advantages():
+    from opd.config import TinyModelConfig
+    from opd.teacher.hf import HFTeacher
+    from opd.tiny import build_tiny_model
+
+    tok = tokenizer(STUDENT)
+    teacher = HFTeacher(build_tiny_model(TinyModelConfig(hidden_size=32, seed=3), tok), tok)
+    cross = CrossTokenizerTeacher(teacher, tok, tok)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"] for q in ("Hi there.", "Write about the sea.")]
+    texts = ["The river is quiet. café 你好 🙂", "A small robot sings.", "naïve", "It waits by the sea"]
+    completions = [tok.encode(x, add_special_tokens=False) + ([tok.eos_token_id] if i < 3 else [])
+                   for i, x in enumerate(texts)]
+    g = torch.Generator().manual_seed(0)
+    behaviour = [(-torch.rand(len(c), generator=g) * 3).tolist() for c in completions]
+    batch = sampled_batch([list(p) for p in prompts], completions, behaviour, [True, True, True, False], 2,
+                          tok.pad_token_id)
+    same, chunked = teacher.score(batch), cross.score(batch)
+    assert torch.equal(same.logprobs, chunked.logprobs)
+    metrics = cross.take_metrics()
+    assert metrics["chunks_per_token"] == 1.0 and metrics["aligned_1to1"] == 1.0 and metrics["dropped_rows"] == 0
+    for discount in (0.0, 0.9, 1.0):
+        for rewards in (None, torch.tensor([1.0, 0.0, 0.5, 0.2])):
+            a = compute_advantages(batch.completion_mask, batch.behaviour_logprobs, same.logprobs, 0.7, discount,
+                                   rewards, batch.group_ids)
+            b = compute_advantages(batch.completion_mask, batch.behaviour_logprobs, chunked.logprobs, 0.7, discount,
+                                   rewards, batch.group_ids, chunks=chunked.chunks)
+            assert torch.equal(a, b), (discount, rewards)
+
+
+def run_weights(run_dir):
+    from safetensors.torch import load_file
+
+    from opd.learner.checkpoint import latest_checkpoint
+
+    return load_file(str(latest_checkpoint(run_dir) / "model" / "model.safetensors"))
+
+
+def test_cross_mode_with_one_tokenizer_trains_bit_identically(tiny_config, tmp_path):
+    from opd.loop import train
+    from opd.run_dir import read_metrics
+
+    args = ["train.steps=2", "loss.discount=0.5", "teacher.tiny.pretrain_steps=0"]
+    train(tiny_config(*args, run_dir=tmp_path / "same"))
+    train(tiny_config(*args, "teacher.tokenizer_mode=cross", run_dir=tmp_path / "cross"))
+    a, b = run_weights(tmp_path / "same"), run_weights(tmp_path / "cross")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    same, cross = read_metrics(tmp_path / "same" / "metrics.jsonl"), read_metrics(tmp_path / "cross" / "metrics.jsonl")
+    assert [r["teacher_kl"] for r in same[1:]] == [r["teacher_kl"] for r in cross[1:]]
+    assert all(r["aligned_1to1"] == 1.0 and r["chunks_per_token"] == 1.0 for r in cross[1:])
+
+
+def test_a_teacher_of_another_vocabulary_trains_in_cross_mode_and_is_refused_without(tiny_config, tmp_path):
+    from opd.loop import train
+    from opd.run_dir import read_metrics
+    from opd.tokenizer_check import TokenizerMismatchError
+
+    other = ["teacher.tiny.vocab_size=400", "teacher.tiny.pretrain_steps=0", "train.steps=2"]
+    with pytest.raises(TokenizerMismatchError, match="teacher.tokenizer_mode=cross"):
+        train(tiny_config(*other, run_dir=tmp_path / "refused"))
+    train(tiny_config(*other, "teacher.tokenizer_mode=cross", run_dir=tmp_path / "cross"))
+    rows = read_metrics(tmp_path / "cross" / "metrics.jsonl")[1:]
+    for r in rows:
+        assert 0 < r["chunks_per_token"] <= 1 and 0 < r["aligned_1to1"] <= 1
+        assert r["dropped_rows"] >= 0 and r["teacher_tokens_per_token"] > 0
+        assert math.isfinite(r["chunk_teacher_kl"]) and math.isfinite(r["teacher_kl"])
+    assert any(r["aligned_1to1"] < 1 for r in rows)  # the vocabularies differ: some chunks are longer
+
+
+@pytest.mark.parametrize("override", ["loss.kind=reverse_kl", "loss.kind=forward_kl", "loss.kind=jsd",
+                                      "teacher.top_k=5"])
+def test_full_distribution_losses_are_refused_across_tokenizers(tiny_config, override):
+    with pytest.raises(ConfigError, match="no common support"):
+        tiny_config("teacher.tokenizer_mode=cross", override)
+
+
+def test_a_served_cross_teacher_needs_its_local_tokenizer(tiny_config):
+    with pytest.raises(ConfigError, match="teacher.tokenizer"):
+        tiny_config("teacher.tokenizer_mode=cross", "teacher.tiny=null", "teacher.url=http://127.0.0.1:9")

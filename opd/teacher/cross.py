@@ -19,6 +19,7 @@ import torch
 from opd.alignment import AlignmentError, RowAlignment, align_row, end_of_turn_ids, teacher_prompt_ids
 from opd.roles import Chunks, Teacher, TeacherScores
 from opd.rollouts import Rollouts, sampled_batch
+from opd.tokenizer_check import tokenizer_differences
 
 
 class CrossTokenizerTeacher:
@@ -33,6 +34,10 @@ class CrossTokenizerTeacher:
         self.student_tokenizer = student_tokenizer
         self.max_chunk_tokens = max_chunk_tokens
         self.end_ids = end_of_turn_ids(teacher_tokenizer)
+        # One tokenizer after all: the teacher scores the student's own ids (prompt and completion, as
+        # in tokenizer_mode=same), every chunk is one token, and the numbers are today's exactly.
+        self.identical = not tokenizer_differences(student_tokenizer, teacher_tokenizer) and \
+            getattr(student_tokenizer, "chat_template", None) == getattr(teacher_tokenizer, "chat_template", None)
         self.output_size = inner.output_size
         self.cost = inner.cost
         self._metrics: dict = {}
@@ -49,6 +54,9 @@ class CrossTokenizerTeacher:
         for i in range(rollouts.batch_size):
             ids = rollouts.tokens[i][rollouts.completion_mask[i].bool()].tolist()
             ends_turn = bool(ids) and not bool(rollouts.truncated[i]) and ids[-1] in student_end
+            if self.identical:
+                out.append(RowAlignment(list(range(len(ids))), ids, list(range(len(ids))), len(ids)))
+                continue
             try:
                 out.append(align_row(self.student_tokenizer, self.teacher_tokenizer, ids, ends_turn, self.end_ids))
             except AlignmentError as err:
@@ -62,6 +70,9 @@ class CrossTokenizerTeacher:
             prompt = rollouts.prompts[group] if group < len(rollouts.prompts) else None
             keep = rollouts.attention_mask[i].bool() & ~rollouts.completion_mask[i].bool()
             keep[rollouts.prompt_width:] = False  # the prompt, not the padding after the completion
+            if self.identical:
+                prompts.append(rollouts.tokens[i][keep].tolist())
+                continue
             text = prompt.text if prompt is not None else self.student_tokenizer.decode(rollouts.tokens[i][keep].tolist())
             prompts.append(teacher_prompt_ids(self.teacher_tokenizer, getattr(prompt, "record", None), text))
         completions = [a.teacher_ids for a in aligned]
