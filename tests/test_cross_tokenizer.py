@@ -385,6 +385,9 @@ def test_equal_tokenizers_give_bit_identical_scores_and_advantages():
             assert torch.equal(a, b), (discount, rewards)
 
 
+QUICK = ["data.eval_holdout=2", "eval.teacher_accuracy=false"]
+
+
 def run_weights(run_dir):
     from safetensors.torch import load_file
 
@@ -397,7 +400,7 @@ def test_cross_mode_with_one_tokenizer_trains_bit_identically(tiny_config, tmp_p
     from opd.loop import train
     from opd.run_dir import read_metrics
 
-    args = ["train.steps=2", "loss.discount=0.5", "teacher.tiny.pretrain_steps=0"]
+    args = ["train.steps=2", "loss.discount=0.5", "teacher.tiny.pretrain_steps=0", *QUICK]
     train(tiny_config(*args, run_dir=tmp_path / "same"))
     train(tiny_config(*args, "teacher.tokenizer_mode=cross", run_dir=tmp_path / "cross"))
     a, b = run_weights(tmp_path / "same"), run_weights(tmp_path / "cross")
@@ -412,7 +415,7 @@ def test_a_teacher_of_another_vocabulary_trains_in_cross_mode_and_is_refused_wit
     from opd.run_dir import read_metrics
     from opd.tokenizer_check import TokenizerMismatchError
 
-    other = ["teacher.tiny.vocab_size=400", "teacher.tiny.pretrain_steps=0", "train.steps=2"]
+    other = ["teacher.tiny.vocab_size=400", "teacher.tiny.pretrain_steps=0", "train.steps=2", *QUICK]
     with pytest.raises(TokenizerMismatchError, match="teacher.tokenizer_mode=cross"):
         train(tiny_config(*other, run_dir=tmp_path / "refused"))
     train(tiny_config(*other, "teacher.tokenizer_mode=cross", run_dir=tmp_path / "cross"))
