@@ -422,7 +422,7 @@ def test_a_teacher_of_another_vocabulary_trains_in_cross_mode_and_is_refused_wit
     rows = read_metrics(tmp_path / "cross" / "metrics.jsonl")[1:]
     for r in rows:
         assert 0 < r["chunks_per_token"] <= 1 and 0 < r["aligned_1to1"] <= 1
-        assert r["dropped_rows"] >= 0 and r["teacher_tokens_per_token"] > 0
+        assert 0 <= r["dropped_rows"] <= 16 and r["teacher_tokens_per_token"] > 0  # of this step's 16 rows
         assert math.isfinite(r["chunk_teacher_kl"]) and math.isfinite(r["teacher_kl"])
     assert any(r["aligned_1to1"] < 1 for r in rows)  # the vocabularies differ: some chunks are longer
 
@@ -437,3 +437,26 @@ def test_full_distribution_losses_are_refused_across_tokenizers(tiny_config, ove
 def test_a_served_cross_teacher_needs_its_local_tokenizer(tiny_config):
     with pytest.raises(ConfigError, match="teacher.tokenizer"):
         tiny_config("teacher.tokenizer_mode=cross", "teacher.tiny=null", "teacher.url=http://127.0.0.1:9")
+
+
+def test_dropped_rows_and_chunks_over_the_cap_get_no_signal_and_are_counted():
+    s, t = tokenizer(STUDENT), tokenizer(TEACHER)
+    lone = s.encode("é", add_special_tokens=False)[1:]  # a continuation byte alone: not UTF-8
+    completions = [s.encode(" river is", add_special_tokens=False) + [s.eos_token_id],
+                   lone + s.encode(" sea", add_special_tokens=False) + [s.eos_token_id],
+                   s.encode(" quiet", add_special_tokens=False) + [s.eos_token_id]]
+    prompt = s.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    batch = sampled_batch([list(prompt)] * 3, completions, [[-1.0] * len(c) for c in completions], [True] * 3, 1,
+                          s.pad_token_id)
+    cross = CrossTokenizerTeacher(TabularTeacher(), t, s, max_chunk_tokens=3)  # ' quiet' is 6 teacher tokens
+    scores = cross.score(batch)
+    metrics = cross.take_metrics()
+    assert metrics["dropped_rows"] == 1 and metrics["chunks_over_cap"] == 2  # ' river' (4) and ' quiet' (6)
+    adv = compute_advantages(batch.completion_mask, batch.behaviour_logprobs, scores.logprobs, chunks=scores.chunks)
+    assert (adv[1] == 0).all()  # the dropped row
+    river, is_, eos = (batch.completion_mask[0].nonzero().flatten()).tolist()
+    assert adv[0, river] == 0 and adv[0, is_] != 0 and adv[0, eos] != 0
+    quiet, eos = (batch.completion_mask[2].nonzero().flatten()).tolist()
+    assert adv[2, quiet] == 0 and adv[2, eos] != 0
+    # no signal: the token's KL estimate is 0 in the per-token view too
+    assert scores.logprobs[0, river] == batch.behaviour_logprobs[0, river]

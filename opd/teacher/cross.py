@@ -135,17 +135,15 @@ class CrossTokenizerTeacher:
 
         signalled = float(signal.sum())
         kl = chunk_kl(rollouts.behaviour_logprobs, Chunks(index, chunk_lp, signal))
-        dropped = [a for a in alignments if not isinstance(a, RowAlignment)]
-        m = self._metrics
-        m["dropped_rows"] = m.get("dropped_rows", 0) + len(dropped)
-        for key in ("chunks", "one_to_one", "over_cap", "tokens", "teacher_tokens"):
-            m[key] = m.get(key, 0) + counts[key]
-        m["signalled"] = m.get("signalled", 0.0) + signalled
-        m["kl_sum"] = m.get("kl_sum", 0.0) + float(kl.sum())
+        # Of the last batch scored: in a step that is the training batch (evaluations score theirs
+        # between steps, and would otherwise be counted in the next step's figures).
+        self._metrics = {**counts, "dropped_rows": sum(not isinstance(a, RowAlignment) for a in alignments),
+                         "signalled": signalled, "kl_sum": float(kl.sum())}
 
     def take_metrics(self) -> dict:
-        """Alignment figures since the last call: chunks per student token, share of 1:1 chunks,
-        rows dropped, chunks over the cap, and the mean teacher KL per signalled chunk."""
+        """Alignment figures of the last batch scored (if any since the last call): chunks per
+        student token, share of 1:1 chunks, rows dropped, chunks over the cap, and the mean teacher
+        KL per signalled chunk."""
         m, self._metrics = self._metrics, {}
         out = dict(self.inner.take_metrics())
         if not m:
