@@ -151,18 +151,15 @@ def teacher_sequence_logprob(ids: list[int]) -> float:
 
 # --- an enumerable student: a table over a few student tokens per prefix ---
 
+PRINTABLE = [*range(33, 127), *range(161, 173), *range(174, 256)]  # bytes that stand for themselves
+BYTE_OF = {**{chr(b): b for b in PRINTABLE},
+           **{chr(256 + n): b for n, b in enumerate(b for b in range(256) if b not in PRINTABLE)}}
+
+
 def byte_level_bytes(tok, token_id: int) -> bytes:
     """The bytes a byte-level BPE token stands for (GPT-2's byte <-> character map), independently of
     opd.alignment."""
-    chars = [c for c in range(ord("!"), ord("~") + 1)] + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in chars:
-            table[chr(b)] = b
-        else:
-            table[chr(256 + extra)] = b
-            extra += 1
-    return bytes(table[c] for c in tok.convert_ids_to_tokens(token_id))
+    return bytes(BYTE_OF[c] for c in tok.convert_ids_to_tokens(token_id))
 
 
 # "Ġ" (a space) is followed by a character written byte by byte; " t" by "he", which the teacher
