@@ -100,9 +100,11 @@ def evaluate_teacher(components: Components, cfg: RunConfig) -> dict:
     return out
 
 
-def rollout_records(rollouts: Rollouts, teacher_logprobs: torch.Tensor | None, tokenizer, limit: int,
+def rollout_records(rollouts: Rollouts, scores: TeacherScores | None, tokenizer, limit: int,
                     grades: list | None = None) -> list[dict]:
-    """The first `limit` sampled completions with per-token student/teacher log-probs and KL."""
+    """The first `limit` sampled completions with per-token student/teacher log-probs and KL (and,
+    from a teacher of another tokenizer, each token's chunk: -1 where it carries no signal)."""
+    teacher_logprobs = scores.logprobs if scores is not None else None
     records = []
     for i in range(min(limit, rollouts.batch_size)):
         keep = rollouts.completion_mask[i].bool()
@@ -122,6 +124,8 @@ def rollout_records(rollouts: Rollouts, teacher_logprobs: torch.Tensor | None, t
             teacher = teacher_logprobs[i][keep].tolist()
             record["teacher_logprobs"] = teacher
             record["teacher_kl"] = [s - t for s, t in zip(student, teacher)]
+        if scores is not None and scores.chunks is not None:
+            record["chunks"] = scores.chunks.index[i][keep].tolist()
         if grades and grades[i] is not None:
             record["score"] = grades[i].score
             if grades[i].checks:
@@ -485,8 +489,7 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
             metrics.update(totals)
             log.log(step, metrics)
             if cfg.on_policy and cfg.log.rollouts_every and (step % cfg.log.rollouts_every == 0 or step == 1):
-                log.write_rollouts(step, rollout_records(batch, scores.logprobs if scores is not None else None,
-                                                         tokenizer, cfg.log.rollouts_per_step, grades))
+                log.write_rollouts(step, rollout_records(batch, scores, tokenizer, cfg.log.rollouts_per_step, grades))
             last_metrics = metrics
             progress.update(task, completed=step, status=status_line(metrics))
 

@@ -422,6 +422,12 @@ def test_a_teacher_of_another_vocabulary_trains_in_cross_mode_and_is_refused_wit
         assert 0 <= r["dropped_rows"] <= 16 and r["teacher_tokens_per_token"] > 0  # of this step's 16 rows
         assert math.isfinite(r["chunk_teacher_kl"]) and math.isfinite(r["teacher_kl"])
     assert any(r["aligned_1to1"] < 1 for r in rows)  # the vocabularies differ: some chunks are longer
+    from opd.report import build_report, read_jsonl
+
+    records = read_jsonl(next((tmp_path / "cross" / "rollouts").glob("step_*.jsonl")))
+    assert all(len(r["chunks"]) == len(r["tokens"]) for r in records)
+    page = build_report(tmp_path / "cross").read_text()
+    assert page.count("data-chunk=") > 0
 
 
 @pytest.mark.parametrize("override", ["loss.kind=reverse_kl", "loss.kind=forward_kl", "loss.kind=jsd",
