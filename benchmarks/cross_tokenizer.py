@@ -100,7 +100,8 @@ def distil(steps: int, run_dir: str) -> dict:
     summary = train(load_config(None, [*base, "teacher.tokenizer_mode=cross", f"run_dir={run_dir}"]))
     keys = ("teacher_kl", "chunk_teacher_kl", "aligned_1to1", "chunks_per_token", "teacher_tokens_per_token",
             "dropped_rows", "chunks_over_cap", "completion_len")
-    out["steps"] = [{k: row.get(k) for k in ("step", *keys)} for row in read_metrics(Path(run_dir) / "metrics.jsonl")[1:]]
+    rows = read_metrics(Path(run_dir) / "metrics.jsonl")[1:]
+    out["steps"] = [{k: row.get(k) for k in ("step", *keys)} for row in rows]
     out["wall_s_total"] = summary.get("wall_s_total")
     out["checkpoint_loads"] = loads_in_peft(Path(run_dir))
     return out

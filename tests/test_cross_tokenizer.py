@@ -166,7 +166,8 @@ def byte_level_bytes(tok, token_id: int) -> bytes:
 # writes as one token (" the"): chunks of several tokens on either side, each decided by the tokens before it.
 WORDS = ["Ġriver", "Ġsea", "Ġis", "Ġ", "Ġt"]
 EXACT_NEXT = {"Ġ": ["Ã", "ð"], "Ã": ["©", "¨"], "ð": ["Ł"], "Ł": ["Ļ"], "Ļ": ["Ĥ", "ĥ"], "Ġt": ["he"]}  # é è 🙂 🙃
-PIECES = ["Ġth", "e", "a", "Ġsea"]  # " th" + "e" is one teacher token (" the"), " th" + "a" three: it depends on what follows
+# " th" + "e" is one teacher token (" the"), " th" + "a" three: a chunk's start depends on what follows
+PIECES = ["Ġth", "e", "a", "Ġsea"]
 
 
 def choices(prefix: tuple, vocab: list[str], max_tokens: int) -> list[str]:

@@ -73,7 +73,8 @@ class CrossTokenizerTeacher:
             if self.identical:
                 prompts.append(rollouts.tokens[i][keep].tolist())
                 continue
-            text = prompt.text if prompt is not None else self.student_tokenizer.decode(rollouts.tokens[i][keep].tolist())
+            text = prompt.text if prompt is not None else \
+                self.student_tokenizer.decode(rollouts.tokens[i][keep].tolist())
             prompts.append(teacher_prompt_ids(self.teacher_tokenizer, getattr(prompt, "record", None), text))
         completions = [a.teacher_ids for a in aligned]
         pad = self.teacher_tokenizer.pad_token_id if self.teacher_tokenizer.pad_token_id is not None else 0
@@ -98,7 +99,7 @@ class CrossTokenizerTeacher:
                 lps = teacher_lp[t_row][batch.completion_mask[t_row].bool()]
                 columns = rollouts.completion_mask[row].nonzero().flatten()
                 self._fill_row(a, lps, columns, index[row], chunk_lp[row], signal[row], counts)
-        logprobs = self._per_token(rollouts, index, chunk_lp, signal)
+        logprobs = self._per_token(rollouts, index, chunk_lp)
         self._record(rollouts, alignments, index, chunk_lp, signal, counts)
         return TeacherScores(logprobs, chunks=Chunks(index, chunk_lp, signal))
 
@@ -119,7 +120,7 @@ class CrossTokenizerTeacher:
         counts["teacher_tokens"] += len(a.teacher_chunk)
 
     @staticmethod
-    def _per_token(rollouts: Rollouts, index: torch.Tensor, chunk_lp: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+    def _per_token(rollouts: Rollouts, index: torch.Tensor, chunk_lp: torch.Tensor) -> torch.Tensor:
         """The chunk's teacher log-prob shared evenly over its student tokens; a token without
         signal gets its own behaviour log-prob (a KL estimate of 0)."""
         has = index >= 0
