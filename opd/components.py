@@ -48,7 +48,10 @@ class Components:
 def load_teacher(spec: ModelConfig, device: torch.device, student_tokenizer, chunk_size: int,
                  micro_batch_size: int) -> Teacher:
     """A served teacher (spec.url) or a Hugging Face model in process, checked to tokenize exactly
-    as the student does before its weights are loaded."""
+    as the student does before its weights are loaded (teacher.tokenizer_mode=cross: any tokenizer,
+    behind the byte-chunk alignment of opd.teacher.cross)."""
+    if spec.tokenizer_mode == "cross":
+        return load_cross_teacher(spec, device, student_tokenizer, chunk_size, micro_batch_size)
     if spec.url is not None:
         from opd.teacher.remote import RemoteTeacher
 
@@ -67,6 +70,32 @@ def load_teacher(spec: ModelConfig, device: torch.device, student_tokenizer, chu
     teacher = HFTeacher(model, tokenizer, chunk_size, micro_batch_size)
     teacher.verify(len(student_tokenizer))
     return teacher
+
+
+def load_cross_teacher(spec: ModelConfig, device: torch.device, student_tokenizer, chunk_size: int,
+                       micro_batch_size: int) -> Teacher:
+    """A teacher of another tokenizer: it scores its own token ids (a served one is checked to
+    tokenize as its local tokenizer, `teacher.tokenizer`, does), wrapped by the chunk alignment."""
+    from opd.teacher.cross import CrossTokenizerTeacher
+
+    if spec.url is not None:
+        from transformers import AutoTokenizer
+
+        from opd.teacher.remote import RemoteTeacher
+
+        teacher_tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer, local_files_only=True)
+        inner = RemoteTeacher(spec, micro_batch_size=micro_batch_size)
+        try:
+            inner.check_tokenizer(teacher_tokenizer, probe_server=True)
+        except BaseException:
+            inner.close()
+            raise
+    else:
+        teacher_tokenizer = load_tokenizer(spec)
+        model, teacher_tokenizer = load_model(spec, device, teacher_tokenizer)
+        inner = HFTeacher(model, teacher_tokenizer, chunk_size, micro_batch_size)
+        inner.verify(len(teacher_tokenizer))
+    return CrossTokenizerTeacher(inner, teacher_tokenizer, student_tokenizer, spec.max_chunk_tokens)
 
 
 def build(cfg: RunConfig, console: Console | None = None) -> Components:

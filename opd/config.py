@@ -47,6 +47,8 @@ class TinyModelConfig(Section):
     # its merges from them too, so your task's words are a few tokens each, not arbitrary pieces.
     # Student and teacher must name the same files (their tokenizers are compared).
     tokenizer_corpus: list[str] = Field(default_factory=list)
+    # The tiny tokenizer's vocabulary size: another size is another tokenizer (a cross-tokenizer pair).
+    vocab_size: int = Field(768, ge=272)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "TinyModelConfig":
@@ -87,6 +89,11 @@ class ModelConfig(Section):
     # A local directory with the teacher's tokenizer (and config.json): compared token by token with
     # the student's, and used to count the teacher's FLOPs. None: the server's /tokenize is probed.
     tokenizer: str | None = None
+    # --- a teacher ---
+    # same: the teacher must tokenize exactly as the student (checked token by token). cross: a teacher
+    # of another tokenizer (another family); the sampled loss over aligned byte chunks (opd.teacher.cross).
+    tokenizer_mode: Literal["same", "cross"] = "same"
+    max_chunk_tokens: int = Field(16, ge=1)  # cross: a longer chunk (either side) gets no signal, and is counted
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -332,6 +339,17 @@ class RunConfig(Section):
                 and self.teacher.url is not None:
             raise ValueError(f"loss.kind={self.loss.kind} compares full distributions, which a served teacher does "
                              f"not return: use sampled_reverse_kl, or topk_forward_kl with teacher.top_k")
+        if self.student.tokenizer_mode != "same":
+            raise ValueError("student.tokenizer_mode: the mode is the teacher's (teacher.tokenizer_mode=cross)")
+        if self.teacher is not None and self.teacher.tokenizer_mode == "cross":
+            if self.loss.kind != "sampled_reverse_kl" or self.teacher.top_k:
+                kind = self.loss.kind if self.loss.kind != "sampled_reverse_kl" else "teacher.top_k"
+                raise ValueError(f"{kind} compares the two models' distributions token by token, and across "
+                                 f"tokenizers (teacher.tokenizer_mode=cross) the vocabularies have no common support: "
+                                 f"use loss.kind=sampled_reverse_kl and teacher.top_k=0")
+            if self.teacher.url is not None and self.teacher.tokenizer is None:
+                raise ValueError("teacher.tokenizer_mode=cross with a served teacher needs teacher.tokenizer (a local "
+                                 "directory with the teacher's tokenizer), to tokenize the completions as it does")
         if self.teacher is not None and self.teacher.lora is not None:
             raise ValueError("teacher.lora: the teacher is fixed; LoRA applies to the student only")
         if self.method == "distill" and self.teacher is None:

@@ -70,6 +70,41 @@ def reward_metrics(grades: list[Grade | None], group_ids: torch.Tensor) -> dict:
     return metrics
 
 
+def rollout_records(rollouts: Rollouts, scores: TeacherScores | None, tokenizer, limit: int,
+                    grades: list | None = None) -> list[dict]:
+    """The first `limit` sampled completions with per-token student/teacher log-probs and KL (and,
+    from a teacher of another tokenizer, each token's chunk: -1 where it carries no signal): what a
+    run logs under rollouts/."""
+    teacher_logprobs = scores.logprobs if scores is not None else None
+    records = []
+    for i in range(min(limit, rollouts.batch_size)):
+        keep = rollouts.completion_mask[i].bool()
+        ids = rollouts.tokens[i][keep].tolist()
+        student = rollouts.behaviour_logprobs[i][keep].tolist()
+        group = int(rollouts.group_ids[i])
+        record = {
+            "group": group,
+            "prompt": rollouts.prompts[group].text if rollouts.prompts else None,
+            "completion": tokenizer.decode(ids),
+            "tokens": [tokenizer.decode([t]) for t in ids],
+            "token_ids": ids,
+            "student_logprobs": student,
+            "truncated": bool(rollouts.truncated[i]),
+        }
+        if teacher_logprobs is not None:
+            teacher = teacher_logprobs[i][keep].tolist()
+            record["teacher_logprobs"] = teacher
+            record["teacher_kl"] = [s - t for s, t in zip(student, teacher)]
+        if scores is not None and scores.chunks is not None:
+            record["chunks"] = scores.chunks.index[i][keep].tolist()
+        if grades and grades[i] is not None:
+            record["score"] = grades[i].score
+            if grades[i].checks:
+                record["checks"] = grades[i].checks
+        records.append(record)
+    return records
+
+
 def rollout_metrics(rollouts: Rollouts, teacher_logprobs: torch.Tensor | None) -> dict:
     mask = rollouts.completion_mask
     tokens = float(mask.sum())

@@ -40,7 +40,8 @@ from opd.collapse import CollapseWatch
 from opd.components import Components, build
 from opd.config import ConfigError, RunConfig
 from opd.data import PromptSchedule
-from opd.evaluation import evaluate_prompts, grade_rollouts, reward_metrics, rewards_of, rollout_metrics, teacher_ceiling
+from opd.evaluation import (evaluate_prompts, grade_rollouts, reward_metrics, rewards_of, rollout_metrics,
+                            rollout_records, teacher_ceiling)
 from opd.flops import sampling_flops, scoring_flops, training_flops
 from opd.learner import distributed
 from opd.learner.checkpoint import NonFiniteWeightsError, latest_checkpoint, load_trainer_state, rng_state, set_rng_state
@@ -62,7 +63,8 @@ def step_advantages(cfg: RunConfig, rollouts: Rollouts, scores: TeacherScores | 
     return compute_advantages(rollouts.completion_mask, rollouts.behaviour_logprobs,
                               scores.logprobs if scores is not None else None,
                               kl_coef=cfg.loss.kl_coef, discount=cfg.loss.discount,
-                              rewards=rewards, group_ids=rollouts.group_ids, divide_by_std=cfg.rl.divide_by_std)
+                              rewards=rewards, group_ids=rollouts.group_ids, divide_by_std=cfg.rl.divide_by_std,
+                              chunks=scores.chunks if scores is not None else None)
 
 
 def teacher_scores_training(cfg: RunConfig, components: Components) -> bool:
@@ -97,36 +99,6 @@ def evaluate_teacher(components: Components, cfg: RunConfig) -> dict:
         prefix = f"eval/{name}/" if name else "eval/"
         out.update({prefix + k: v for k, v in metrics.items()})
     return out
-
-
-def rollout_records(rollouts: Rollouts, teacher_logprobs: torch.Tensor | None, tokenizer, limit: int,
-                    grades: list | None = None) -> list[dict]:
-    """The first `limit` sampled completions with per-token student/teacher log-probs and KL."""
-    records = []
-    for i in range(min(limit, rollouts.batch_size)):
-        keep = rollouts.completion_mask[i].bool()
-        ids = rollouts.tokens[i][keep].tolist()
-        student = rollouts.behaviour_logprobs[i][keep].tolist()
-        group = int(rollouts.group_ids[i])
-        record = {
-            "group": group,
-            "prompt": rollouts.prompts[group].text if rollouts.prompts else None,
-            "completion": tokenizer.decode(ids),
-            "tokens": [tokenizer.decode([t]) for t in ids],
-            "token_ids": ids,
-            "student_logprobs": student,
-            "truncated": bool(rollouts.truncated[i]),
-        }
-        if teacher_logprobs is not None:
-            teacher = teacher_logprobs[i][keep].tolist()
-            record["teacher_logprobs"] = teacher
-            record["teacher_kl"] = [s - t for s, t in zip(student, teacher)]
-        if grades and grades[i] is not None:
-            record["score"] = grades[i].score
-            if grades[i].checks:
-                record["checks"] = grades[i].checks
-        records.append(record)
-    return records
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,8 +456,7 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
             metrics.update(totals)
             log.log(step, metrics)
             if cfg.on_policy and cfg.log.rollouts_every and (step % cfg.log.rollouts_every == 0 or step == 1):
-                log.write_rollouts(step, rollout_records(batch, scores.logprobs if scores is not None else None,
-                                                         tokenizer, cfg.log.rollouts_per_step, grades))
+                log.write_rollouts(step, rollout_records(batch, scores, tokenizer, cfg.log.rollouts_per_step, grades))
             last_metrics = metrics
             progress.update(task, completed=step, status=status_line(metrics))
 

@@ -62,7 +62,7 @@ def load_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase:
     if spec.tiny is not None:
         from opd.tiny import build_tiny_tokenizer
 
-        return _with_pad(build_tiny_tokenizer(corpus_files=tuple(spec.tiny.tokenizer_corpus)))
+        return _with_pad(build_tiny_tokenizer(spec.tiny.vocab_size, corpus_files=tuple(spec.tiny.tokenizer_corpus)))
     gguf_path = _gguf_path(spec)
     if gguf_path is not None:
         cached = _gguf_cache_dir(gguf_path)

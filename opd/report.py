@@ -36,11 +36,20 @@ def kl_colour(kl: float) -> str:
 
 
 def coloured_rollout(record: dict) -> str:
-    """One completion as HTML spans; each carries its KL as data-kl and as a tooltip."""
+    """One completion as HTML spans; each carries its KL as data-kl and as a tooltip. From a teacher
+    of another tokenizer (`chunks` in the record) each token also names its chunk, and a chunk of
+    several tokens is outlined as one."""
     spans = []
-    for token, kl in zip(record["tokens"], record["teacher_kl"]):
-        spans.append(f'<span class="tok" style="background:{kl_colour(kl)}" data-kl="{kl!r}" '
-                     f'title="k {kl:.3f} nats">{html.escape(token)}</span>')
+    chunks = record.get("chunks") or [None] * len(record["tokens"])
+    for n, (token, kl, chunk) in enumerate(zip(record["tokens"], record["teacher_kl"], chunks)):
+        style, title, data = f"background:{kl_colour(kl)}", f"k {kl:.3f} nats", ""
+        if chunk is not None:
+            if chunk >= 0 and chunk in chunks[max(n - 1, 0):n] + chunks[n + 1:n + 2]:
+                style += ";border-bottom:2px solid #447"  # one chunk of several student tokens
+            title += ", no signal" if chunk < 0 else f", chunk {chunk}"
+            data = f' data-chunk="{chunk}"'
+        spans.append(f'<span class="tok" style="{style}"{data} data-kl="{kl!r}" title="{title}">'
+                     f'{html.escape(token)}</span>')
     return "".join(spans)
 
 

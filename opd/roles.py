@@ -39,6 +39,20 @@ class TeacherScores:
     # log-probs, B x T x k, both 0 outside the completion.
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
+    # A teacher of another tokenizer (opd.teacher.cross): the student's tokens grouped into aligned
+    # chunks; the advantage is then per chunk (opd.advantages). `logprobs` is the chunk's teacher
+    # log-prob shared evenly over its student tokens (and the student's own log-prob where a chunk
+    # carries no signal), so per-token means keep their meaning.
+    chunks: "Chunks | None" = None
+
+
+@dataclass
+class Chunks:
+    """Student completion tokens grouped into chunks whose text both tokenizers cut at the same bytes."""
+
+    index: torch.Tensor  # B x T long: the chunk of each completion token; -1 elsewhere and where there is no signal
+    teacher_logprobs: torch.Tensor  # B x C: sum of log pi_T over the teacher's tokens of each chunk
+    signal: torch.Tensor  # B x C float: 1 where the chunk carries a signal (0: padding, over the cap, dropped row)
 
 
 class OutputSizeMismatchError(ConfigError):

@@ -175,6 +175,8 @@ def _cached_pretrained(cfg: TinyModelConfig, tokenizer) -> LlamaForCausalLM:
     spec = cfg.model_dump(mode="json")
     if not spec["tokenizer_corpus"]:
         del spec["tokenizer_corpus"]  # the key of a model built before the field existed
+    if spec["vocab_size"] == 768:
+        del spec["vocab_size"]  # likewise
     key = hashlib.sha256(json.dumps([spec, tokenizer.backend_tokenizer.to_str() if cfg.tokenizer_corpus
                                      else _tokenizer_json(len(tokenizer))], sort_keys=True).encode()).hexdigest()[:16]
     target = cache_root() / "tiny" / key

@@ -15,6 +15,10 @@ class TokenizerMismatchError(ValueError):
     pass
 
 
+CROSS_HINT = ("to distil from a teacher of another tokenizer (another family), set teacher.tokenizer_mode=cross "
+              "(the sampled loss over byte-aligned chunks; see README, 'A teacher of another tokenizer')")
+
+
 def tokenizer_differences(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase,
                           max_listed: int = 5) -> list[str]:
     """Human-readable differences between two tokenizers; empty when they are interchangeable."""
@@ -58,7 +62,7 @@ def check_tokenizers_match(student: PreTrainedTokenizerBase, teacher: PreTrained
     if problems:
         raise TokenizerMismatchError(
             "the student and teacher tokenizers differ, so the teacher would score different text than the "
-            "student sampled:\n  - " + "\n  - ".join(problems))
+            "student sampled:\n  - " + "\n  - ".join(problems) + "\n" + CROSS_HINT)
 
 
 # --- A tokenizer we can only query (a served teacher's /tokenize and /detokenize) ---
@@ -175,4 +179,4 @@ def check_tokenizer_probe(student: PreTrainedTokenizerBase, encode: Callable[[st
     if problems:
         raise TokenizerMismatchError(
             f"the student's tokenizer and the tokenizer of {teacher} differ, so the teacher would score different "
-            "text than the student sampled:\n  - " + "\n  - ".join(problems))
+            "text than the student sampled:\n  - " + "\n  - ".join(problems) + "\n" + CROSS_HINT)

@@ -414,3 +414,50 @@ def test_probe_differences_without_http():
 
     problems = probe_differences(student, lambda t: student.encode(t, add_special_tokens=False), decode)
     assert len(problems) == 1 and "could not be decoded by the teacher: unknown id 100" in problems[0]
+
+
+# --- a served teacher of another tokenizer (teacher.tokenizer_mode=cross) ---
+
+
+@pytest.fixture(scope="module")
+def cross_rollouts():
+    """Completions sampled in another tokenizer (a 400-token BPE) than the served teacher's (768)."""
+    from opd.data import Prompt
+    from opd.rollouts import sampled_batch
+
+    student = build_tiny_tokenizer(vocab_size=400)
+    messages = [[{"role": "user", "content": q}] for q in ("Hi", "Write about the sea.")]
+    prompt_ids = [student.apply_chat_template(m, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"] for m in messages]
+    prompts = [Prompt(ids=list(p), text=student.decode(p), record={"messages": m}) for p, m in zip(prompt_ids, messages)]
+    texts = ["The sea is quiet. café 🙂", "It sings by the sea.", "naïve", "A small robot"]
+    completions = [student.encode(x, add_special_tokens=False) + [student.eos_token_id] for x in texts]
+    behaviour = [[-1.0] * len(c) for c in completions]
+    return student, sampled_batch([list(p) for p in prompt_ids], completions, behaviour, [True] * 4, 2,
+                                  student.pad_token_id, prompts=prompts)
+
+
+def test_a_served_cross_teacher_scores_as_in_process_and_validates_its_ids(models, servers, teachers, cross_rollouts):
+    from opd.teacher.cross import CrossTokenizerTeacher
+
+    model, _, teacher_tokenizer = models
+    student, batch = cross_rollouts
+    url, engine = servers()
+    remote = teachers(url)
+    remote.check_tokenizer(teacher_tokenizer, probe_server=True)  # the server tokenizes as the local copy
+    served = CrossTokenizerTeacher(remote, teacher_tokenizer, student)
+    local = CrossTokenizerTeacher(HFTeacher(model, teacher_tokenizer), teacher_tokenizer, student)
+    a, b = served.score(batch), local.score(batch)
+    torch.testing.assert_close(a.chunks.teacher_logprobs, b.chunks.teacher_logprobs, atol=1e-5, rtol=1e-5)
+    assert torch.equal(a.chunks.index, b.chunks.index) and (a.chunks.signal.sum(-1) > 0).all()
+    metrics = served.take_metrics()
+    assert metrics["aligned_1to1"] < 1 and metrics["dropped_rows"] == 0
+
+    engine.corrupt = "missing_token"  # the teacher-side ids are checked as for any served teacher
+    with pytest.raises(TeacherResponseError, match="token that was sent"):
+        served.score(batch)
+    engine.corrupt = None
+    the, is_ = teacher_tokenizer.convert_tokens_to_ids(["Ġthe", "Ġis"])
+    engine.swap = (the, is_)
+    with pytest.raises(TokenizerMismatchError, match="tokenized differently"):
+        remote.check_tokenizer(teacher_tokenizer, probe_server=True)

@@ -156,8 +156,9 @@ def broadcast_object(obj):
 # `tokens`; phase times (`*_s`) add up over ranks (device-seconds, like FLOPs); the rest (row means,
 # and the learner's metrics, already global and equal on every rank) are averaged over ranks, which
 # hold equal numbers of rows.
-SUMMED = ("tokens", "groups_all_equal", "teacher_requests", "teacher_retries", "teacher_tokens_scored")
-TOKEN_MEANS = ("entropy", "teacher_kl")
+SUMMED = ("tokens", "groups_all_equal", "teacher_requests", "teacher_retries", "teacher_tokens_scored",
+          "dropped_rows", "chunks_over_cap")
+TOKEN_MEANS = ("entropy", "teacher_kl", "chunks_per_token", "teacher_tokens_per_token")
 
 
 def combine_metrics(metrics: dict) -> dict:

@@ -197,7 +197,7 @@ class RemoteTeacher:
 
     # --- tokenizer identity ---
 
-    def check_tokenizer(self, tokenizer) -> None:
+    def check_tokenizer(self, tokenizer, probe_server: bool = False) -> None:
         """Refuse (TokenizerMismatchError) a student tokenizer that differs from the teacher's.
 
         With `spec.tokenizer` (a local copy of the teacher's tokenizer) the two are compared token
@@ -205,9 +205,10 @@ class RemoteTeacher:
         probe texts (plain, digits, whitespace, unicode, every special token, the chat template)
         and its /detokenize on id ranges over the whole vocabulary are compared with the student's
         tokenizer. A server without /tokenize (older SGLang) raises TokenizerUnverifiableError:
-        give `teacher.tokenizer`.
+        give `teacher.tokenizer`. `probe_server`: probe the server even when `spec.tokenizer` is given
+        (a teacher of another tokenizer: the server must tokenize as that local copy does).
         """
-        if self.spec.tokenizer is not None:
+        if self.spec.tokenizer is not None and not probe_server:
             from transformers import AutoTokenizer
 
             teacher = AutoTokenizer.from_pretrained(self.spec.tokenizer, local_files_only=True)
