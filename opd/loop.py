@@ -45,6 +45,7 @@ from opd.flops import sampling_flops, scoring_flops, training_flops
 from opd.learner import distributed
 from opd.learner.checkpoint import NonFiniteWeightsError, latest_checkpoint, load_trainer_state, rng_state, set_rng_state
 from opd.models import pick_device
+from opd.preflight import check_before_loading
 from opd.roles import TeacherScores
 from opd.rollouts import Rollouts, sequence_batch
 from opd.run_dir import QuietLog, RunLock, RunLog
@@ -371,6 +372,7 @@ def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
         console = Console(quiet=True)
     lock = RunLock(run_dir) if distributed.is_main() else nullcontext()
     with lock:  # a second process on this run_dir is refused, naming this one
+        check_before_loading(cfg, resume)  # a missing file, a used run_dir: refused before any model loads
         checkpoint = latest_checkpoint(run_dir) if resume else None
         if resume and checkpoint is None:
             console.print(f"[yellow]--resume: no checkpoint in {run_dir / 'checkpoints'} yet; starting the run "
