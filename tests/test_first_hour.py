@@ -2,10 +2,16 @@
 
 import copy
 import json
+import os
+import shlex
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers import TINY_RUN, chat_ids, tiny
 from opd import hardware
@@ -129,3 +135,58 @@ def test_a_missing_prompts_file_and_a_used_run_dir_are_refused_before_the_models
 
     with pytest.raises(ModelNotFoundError):  # with --resume the check passes, and the model is looked for
         train(load_config(None, base), resume=True)
+
+
+# ---- README commands as written
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_commands() -> list[str]:
+    """The command lines of README.md's bash blocks (continuation lines joined)."""
+    commands, block = [], None
+    for line in README.read_text().splitlines():
+        if line.startswith("```"):
+            block = [] if line.strip() == "```bash" and block is None else None
+            continue
+        if block is not None and line.strip() and not line.lstrip().startswith("#"):
+            if commands and commands[-1].endswith("\\"):
+                commands[-1] = commands[-1][:-1] + " " + line.strip()
+            else:
+                commands.append(line.strip())
+    return commands
+
+
+def test_no_readme_command_needs_an_activated_environment():
+    commands = readme_commands()
+    torchrun = [c for c in commands if "torchrun" in c]
+    assert len(torchrun) >= 4
+    assert not [c for c in commands if "$(which" in c]
+    assert all(c.startswith(".venv/bin/torchrun ") and " .venv/bin/opd " in c for c in torchrun), torchrun
+
+
+def test_the_readme_torchrun_line_runs_as_written(tmp_path):
+    """The first torchrun line of the README, run from a folder whose .venv is this environment, with a
+    tiny run.yaml and 2 processes instead of 4."""
+    line = next(c for c in readme_commands() if "torchrun" in c).split("#")[0]
+    (tmp_path / ".venv").symlink_to(Path(sys.prefix))
+    settings = [*TINY_RUN, "train.steps=1", "eval.teacher_accuracy=false", f"run_dir={tmp_path / 'run'}"]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(_nested(settings)))
+    env = {**os.environ, "PYTHONPATH": str(README.parent)}
+    done = subprocess.run(shlex.split(line.replace("--nproc-per-node 4", "--nproc-per-node 2")), cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps_done"] == 1
+
+
+def _nested(overrides: list[str]) -> dict:
+    out: dict = {}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        *parents, last = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = yaml.safe_load(value)
+    return out
