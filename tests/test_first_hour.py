@@ -190,3 +190,32 @@ def _nested(overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
         node[last] = yaml.safe_load(value)
     return out
+
+
+# ---- the same model as student and teacher
+
+
+def test_distilling_a_model_from_itself_warns(tmp_path):
+    from opd.components import build
+    from opd.same_model import SameModelWarning, logits_agree
+
+    def built(*overrides):
+        build(load_config(None, [f"run_dir={tmp_path / 'run'}", *TINY_RUN, "data.eval_holdout=4", *overrides])).close()
+
+    same = ["teacher.tiny.hidden_size=32", "teacher.tiny.seed=1", "teacher.tiny.pretrain_steps=0"]
+    with pytest.warns(SameModelWarning, match="name the same model"):
+        built(*same)
+    # another path holding the same weights: caught by the logits (a bf16 copy too)
+    model, tok = tiny(hidden=32, seed=3)
+    for name in ("m1", "m2"):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    with pytest.warns(SameModelWarning, match="same logits"):
+        built(f"student.path={tmp_path / 'm1'}", f"teacher.path={tmp_path / 'm2'}", "student.tiny=null",
+              "teacher.tiny=null")
+    assert logits_agree(model, copy.deepcopy(model).to(torch.bfloat16), len(tok))
+    assert not logits_agree(model, tiny(hidden=32, seed=4)[0], len(tok))
+    with warnings.catch_warnings():  # a different teacher, or a method that does not distill: no warning
+        warnings.simplefilter("error", SameModelWarning)
+        built()
+        built(*same, "method=sft", "task.name=arithmetic", "task.train_size=16", "task.eval_size=4")
