@@ -219,3 +219,44 @@ def test_distilling_a_model_from_itself_warns(tmp_path):
         warnings.simplefilter("error", SameModelWarning)
         built()
         built(*same, "method=sft", "task.name=arithmetic", "task.train_size=16", "task.eval_size=4")
+
+
+# ---- progress without a terminal
+
+
+def test_off_a_terminal_progress_is_a_line_at_a_steady_interval(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from opd.progress import LineProgress, stage_progress
+
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    assert not console.is_terminal and isinstance(stage_progress("distill", console), LineProgress)
+    clock = iter([0.0, 10.0, 20.0, 31.0, 40.0, 70.0])
+    monkeypatch.setattr("opd.progress.time.monotonic", lambda: next(clock))
+    with LineProgress("distill", console, every_s=30) as progress:
+        task = progress.add_task("distill", total=4, status="")  # t=0
+        progress.update(task, completed=1, status="teacher KL 0.5")  # t=10: not yet
+        progress.update(task, completed=2, status="teacher KL 0.4")  # t=20: not yet
+        progress.update(task, completed=3, status="teacher KL 0.3")  # t=31: a line
+        progress.update(task, completed=3)  # t=40: not yet (9 s after the last line)
+        progress.update(task, completed=4, status="teacher KL 0.2")  # t=70: the end
+    lines = out.getvalue().splitlines()
+    assert lines == ["distill: step 3/4 (75%), 10.3 s/step, 10s left  teacher KL 0.3",
+                     "distill: step 4/4 (100%), 17.5 s/step, 1m 10s in all  teacher KL 0.2"]
+
+
+def test_a_run_off_a_terminal_prints_its_steps(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    monkeypatch.setenv("OPD_PROGRESS_INTERVAL_S", "0")
+    out = io.StringIO()
+    train(run_config(tmp_path / "run", "train.steps=2", "log.progress=true", "eval.teacher_accuracy=false"),
+          console=Console(file=out, width=200))
+    text = out.getvalue()
+    assert "distill: step 1/2 (50%)" in text and "left" in text and "distill: step 2/2 (100%)" in text
+    assert "teacher KL" in text

