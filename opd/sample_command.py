@@ -17,6 +17,7 @@ from opd.config import ConfigError, RunConfig
 from opd.data import encode_prompts
 from opd.evaluation import completion_texts, grade_rollouts
 from opd.flops import ModelCost, generation_flops
+from opd.hardware import set_threads
 from opd.models import load_model, pick_device
 from opd.progress import stage_progress
 from opd.sampler.hf import HFSampler
@@ -35,6 +36,7 @@ def write_teacher_samples(cfg: RunConfig, out: Path, split: str = "train", only_
         raise ConfigError("opd sample needs a `teacher` (the model that writes the completions)")
     console = console or Console()
     seed_everything(cfg.train.seed)
+    set_threads(cfg.train.threads)  # the cores this process may use (opd.hardware)
     model, tokenizer = load_model(cfg.teacher, pick_device(cfg.train.device))
     model.eval()
     prompts, skipped = encode_prompts(prompt_records(cfg, split), tokenizer, cfg.data.max_prompt_tokens,
