@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed-dev
+# Output to a file or a pipe (a CI log, `make test > log`) is otherwise block-buffered: pytest's dots
+# and opd's progress lines would appear minutes late.
+export PYTHONUNBUFFERED := 1
 
 .PHONY: install install-vllm demo test test-slow test-vllm bench bench-remote-teacher bench-sampler chaos clean
 

@@ -61,6 +61,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from opd import hardware  # noqa: E402
+
+MACHINE = hardware.machine_record()  # the CPU's name, flags and bf16 capability, recorded in the report
+skipped_levers: dict[str, list[str]] = {}  # per pair: the levers this CPU cannot run usefully
 VENV_OPD = ROOT / ".venv" / "bin"
 VENV_VLLM = ROOT / ".venv-vllm" / "bin"
 VENV_TRL = ROOT / ".venv-trl" / "bin"
@@ -104,6 +109,16 @@ LEVERS = {
 PHASES = {"sample": lambda m: m["sample_s"] + m["sync_s"], "score": lambda m: m["score_s"],
           "learn": lambda m: m["train_s"] - m["sync_s"]}
 EXCLUSIVE = [{"vLLM sampler", "vLLM sampler bf16", "sampler bf16"}]  # ways to sample: the fastest is kept
+
+
+def runnable_levers(levers: list[str], native_bf16: bool) -> tuple[list[str], list[str]]:
+    """The levers this CPU can run usefully, and those skipped: a bf16 lever on a CPU without bf16
+    units (no avx512_bf16 / AMX: opd.hardware.native_bf16) runs emulated, 140x slower per matmul on an
+    AVX2-only EPYC, so measuring it would take hours and show nothing about the lever."""
+    if native_bf16:
+        return list(levers), []
+    bf16 = [x for x in levers if any("bfloat16" in o for o in LEVERS[x][0])]
+    return [x for x in levers if x not in bf16], bf16
 
 
 def judged_speed(lever: dict, base: dict, phase: str) -> float:
@@ -429,6 +444,7 @@ def main() -> None:
     peaks = [matmul_throughput()]
     print(f"matmul GFLOP/s: {peaks[0]}", flush=True)
     sections, all_ratios, trl_version, bests = [], {}, "?", {}
+    skipped_levers.clear()
     for name in pairs:
         pair = PAIRS[name]
         dirs = prepare_pair(name, cache)
@@ -437,7 +453,12 @@ def main() -> None:
                                                     for t in plan["texts"]))
         (work / "eval.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": plan["texts"][0]}]}) + "\n")
         levers = [x for x in (LEVERS if pair["levers"] == "all" else pair["levers"]) if x in wanted]
-        best = None if args.best is None else [x for x in args.best.split(",") if x]
+        levers, skipped = runnable_levers(levers, MACHINE["native_bf16"])
+        best = None if args.best is None else runnable_levers([x for x in args.best.split(",") if x],
+                                                              MACHINE["native_bf16"])[0]
+        if skipped:
+            print(f"[{name}] skipped (this CPU has no bf16 units): {', '.join(skipped)}", flush=True)
+            skipped_levers[name] = skipped
 
         def run(system: str, kept: list[str]) -> dict:
             t = time.monotonic()
@@ -512,14 +533,18 @@ def write_report(args, started, load_before, load_after, peaks, trl_version, sec
         f"{(time.monotonic() - started) / 60:.0f} min" + ("" if load_after else " (pairs still running)"),
         f"- `uptime` before: `{load_before}`",
         f"- `uptime` after: `{load_after or '–'}`",
-        f"- machine: {os.cpu_count()} CPUs (shared), {THREADS} threads per run; TRL {trl_version}; CPU flags "
-        f"{cpu_flags()}",
+        f"- machine: {MACHINE['cpu']}, {os.cpu_count()} CPUs (shared, {MACHINE['usable_cores']} usable), {THREADS} "
+        f"threads per run; TRL {trl_version}; CPU flags {cpu_flags()}; native bf16 "
+        f"{'yes' if MACHINE['native_bf16'] else 'no'}",
         f"- matmul throughput (1024², best of 5, {THREADS} threads), start / end of the run: fp32 "
         f"{peaks[0]['float32']:.0f} / {end[0]} GFLOP/s, bf16 {peaks[0]['bfloat16']:.0f} / {end[1]} GFLOP/s",
         f"- job: reverse KL over the full vocabulary, {PROMPTS_PER_STEP} prompts × {SAMPLES} samples × "
         f"{NEW_TOKENS} new tokens per step, {args.steps} steps per run of which the first {args.warmup} unmeasured; "
         f"{args.rounds} rounds; the first also runs each lever alone",
         "- opd best: " + "; ".join(f"{name}: opd + {' + '.join(best) or 'nothing'}" for name, best in bests.items()),
+    ] + ([
+        "- levers skipped, this CPU having no bf16 units: " + "; ".join(
+            f"{name}: {', '.join(skipped)}" for name, skipped in skipped_levers.items())] if skipped_levers else []) + [
         "",
         "## Results", "",
         "Medians over the runs; ratios are per round (the runs of a round ran back to back), then their "
@@ -550,12 +575,10 @@ def write_report(args, started, load_before, load_after, peaks, trl_version, sec
 
 def cpu_flags() -> str:
     """Which of the matrix instruction sets this CPU has (bf16 matmuls are slow without them)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
-    except (OSError, IndexError):
+    flags = hardware.cpu_flags()
+    if not flags:
         return "unknown"
-    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
-    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted)
+    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in hardware.REPORTED_FLAGS)
 
 
 if __name__ == "__main__":

@@ -326,9 +326,10 @@ def group_runs(run_dirs: list[Path]) -> dict[str, list[Path]]:
 # The printed tables (`opd demo`, `opd compare`)
 
 
-def print_comparison(comparison: dict, console: Console) -> None:
+def print_comparison(comparison: dict, console: Console, title_prefix: str = "") -> None:
     """Two tables (they fit an 80-column terminal): accuracy and cost per method, then the steps and
-    FLOPs at which each method first reached the target (and the common accuracy)."""
+    FLOPs at which each method first reached the target (and the common accuracy). `title_prefix`
+    goes before both titles (the quick demo's "smoke test: ")."""
     target, common, teacher = comparison["target"], comparison.get("common_target"), comparison["teacher_accuracy"]
     rows = comparison["table"]
     one_start = len({r["start_accuracy"] for r in rows}) == 1  # methods from one start: one row for it
@@ -336,7 +337,7 @@ def print_comparison(comparison: dict, console: Console) -> None:
     def label(r: dict) -> str:
         return r["method"] + (f" ({r['seeds']} seeds)" if r.get("seeds", 1) > 1 else "")
 
-    results = Table(title="one student start, one budget" if one_start else "runs compared")
+    results = Table(title=title_prefix + ("one student start, one budget" if one_start else "runs compared"))
     columns = ("", *(() if one_start else ("start",)), "accuracy", "best", "FLOPs", "wall time")
     for column in columns:
         results.add_column(column, justify="right" if column else "left")
@@ -355,7 +356,7 @@ def print_comparison(comparison: dict, console: Console) -> None:
     title = "steps and FLOPs to " + " and to ".join(
         ([f"the target ({comparison['target_fraction']:.0%} of the teacher)"] if target is not None else [])
         + (["the common accuracy"] if common is not None else []))
-    reaching = Table(title=title)
+    reaching = Table(title=title_prefix + title)
     reaching.add_column("", no_wrap=True)
     for level in levels.values():
         reaching.add_column(f"steps to {level:.3f}", justify="right")

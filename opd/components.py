@@ -23,6 +23,7 @@ from opd.objectives import objective_of
 from opd.roles import Sampler, Teacher, check_output_sizes
 from opd.sampler import build_sampler
 from opd.sampler.hf import HFSampler
+from opd.same_model import warn_if_same_model
 from opd.tasks import check_record_graders, is_graded
 from opd.teacher.hf import HFTeacher
 
@@ -115,6 +116,7 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
         learner = Learner(student, cfg.optim, cfg.loss, cfg.train.steps, cfg.train.micro_batch_size,
                           objective_of(cfg.loss, cfg.on_policy), cfg.train.compute_dtype)
         learner.verify(len(tokenizer))
+        warn_if_same_model(cfg, student, teacher.model if isinstance(teacher, HFTeacher) else None, len(tokenizer))
         check_output_sizes(learner, teacher, needs_full_distribution=learner.exact)  # exact losses: refused here
         data = load_data(cfg, tokenizer)
         check_record_graders(p.record for prompts in (data.train_prompts, *data.eval_sets.values()) for p in prompts)

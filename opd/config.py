@@ -268,6 +268,10 @@ class TrainConfig(Section):
     # the weights, gradients, optimizer moments, log-softmax and losses stay fp32. Faster where the
     # hardware has bf16 units (CPUs with avx512_bf16 or AMX, recent GPUs); the loss moves by ~1e-3.
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    # torch's compute threads. None: OMP_NUM_THREADS if set, else the cores this process may run on
+    # (its CPU affinity) shared among torchrun's processes on the node. On a machine other work also
+    # uses, fewer threads than cores (even 1) avoid OpenMP threads spinning against each other.
+    threads: int | None = Field(None, ge=1)
 
 
 class RLConfig(Section):

@@ -12,11 +12,12 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
+from opd.components import load_teacher
 from opd.config import ConfigError, load_config
 from opd.data import encode_prompts
-from opd.components import load_teacher
 from opd.data.sources import load_data, task_records
 from opd.evaluation import evaluate_prompts
+from opd.hardware import set_threads
 from opd.learner.checkpoint import has_trainer_state, latest_checkpoint
 from opd.learner.learner import Learner
 from opd.loop import seed_everything
@@ -67,6 +68,7 @@ def evaluate_config(cfg, weights: Path | None, tasks: list[str], label: str, con
     """`opd eval` of cfg.student (with `weights` loaded over it when given) on `tasks`, or on cfg's
     own eval sets when none are named; also an eval phase of `opd pipeline`."""
     seed_everything(cfg.train.seed)
+    set_threads(cfg.train.threads)  # the cores this process may use (opd.hardware)
     device = pick_device(cfg.train.device)
     student_tokenizer = load_tokenizer(cfg.student)
     teacher = None

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from opd.advantages import compute_advantages
 from opd.collapse import CollapseWatch
@@ -46,6 +45,8 @@ from opd.flops import sampling_flops, scoring_flops, training_flops
 from opd.learner import distributed
 from opd.learner.checkpoint import NonFiniteWeightsError, latest_checkpoint, load_trainer_state, rng_state, set_rng_state
 from opd.models import pick_device
+from opd.preflight import check_before_loading
+from opd.progress import stage_progress
 from opd.roles import TeacherScores
 from opd.rollouts import Rollouts, sequence_batch
 from opd.run_dir import QuietLog, RunLock, RunLog
@@ -344,6 +345,7 @@ def train(cfg: RunConfig, resume: bool = False, console: Console | None = None,
         console = Console(quiet=True)
     lock = RunLock(run_dir) if distributed.is_main() else nullcontext()
     with lock:  # a second process on this run_dir is refused, naming this one
+        check_before_loading(cfg, resume)  # a missing file, a used run_dir: refused before any model loads
         checkpoint = latest_checkpoint(run_dir) if resume else None
         if resume and checkpoint is None:
             console.print(f"[yellow]--resume: no checkpoint in {run_dir / 'checkpoints'} yet; starting the run "
@@ -425,9 +427,8 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
     score_with_teacher = teacher_scores_training(cfg, components)
     collapse = CollapseWatch(cfg.method)  # warns (once each) of truncation rising, RL groups all equal
 
-    progress = Progress(TextColumn(f"[bold]{cfg.method}[/bold]"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
-                        disable=not cfg.log.progress or not distributed.is_main())
+    # a bar on a terminal; off one (make, CI logs), a line at a steady interval
+    progress = stage_progress(cfg.method, console, disable=not cfg.log.progress or not distributed.is_main())
     with StopRequest(console).installed() as stop, progress, closing(batches) if batches else nullcontext():
         task = progress.add_task(cfg.method, total=cfg.train.steps, completed=start_step, status="")
         for step in range(start_step + 1, cfg.train.steps + 1):

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import warnings
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -302,7 +304,9 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, base_name: str | None = 
 
     peft_config = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                  target_modules=cfg.target_modules, task_type="CAUSAL_LM")
-    model = get_peft_model(model, peft_config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated alias; not the user's business
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model = get_peft_model(model, peft_config)
     if base_name is not None:
         for config in model.peft_config.values():
             config.base_model_name_or_path = base_name

@@ -253,6 +253,10 @@ class RunLog:
         return path
 
     def write_summary(self, summary: dict) -> None:
+        """summary.json, with the machine the run ran on (its torch threads, CPU and bf16 capability)."""
+        from opd.hardware import machine_record
+
+        summary["machine"] = machine_record()
         with self._writing("summary.json"):
             (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -12,13 +12,14 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from opd.config import ConfigError, RunConfig
 from opd.data import encode_prompts
 from opd.evaluation import completion_texts, grade_rollouts
 from opd.flops import ModelCost, generation_flops
+from opd.hardware import set_threads
 from opd.models import load_model, pick_device
+from opd.progress import stage_progress
 from opd.sampler.hf import HFSampler
 from opd.tasks import is_graded
 
@@ -35,6 +36,7 @@ def write_teacher_samples(cfg: RunConfig, out: Path, split: str = "train", only_
         raise ConfigError("opd sample needs a `teacher` (the model that writes the completions)")
     console = console or Console()
     seed_everything(cfg.train.seed)
+    set_threads(cfg.train.threads)  # the cores this process may use (opd.hardware)
     model, tokenizer = load_model(cfg.teacher, pick_device(cfg.train.device))
     model.eval()
     prompts, skipped = encode_prompts(prompt_records(cfg, split), tokenizer, cfg.data.max_prompt_tokens,
@@ -46,9 +48,8 @@ def write_teacher_samples(cfg: RunConfig, out: Path, split: str = "train", only_
 
     rows, total_flops, started = [], 0, time.perf_counter()
     per_call = cfg.train.prompts_per_step
-    with Progress(TextColumn("[bold]sample[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=not cfg.log.progress) as progress:
-        task = progress.add_task("sample", total=len(prompts))
+    with stage_progress("sample", console, disable=not cfg.log.progress, unit="prompt") as progress:
+        task = progress.add_task("sample", total=len(prompts), status="")
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start:start + per_call]
             rollouts = sampler.sample([p.ids for p in chunk], prompts=chunk)

@@ -37,6 +37,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from opd.vllm_memory import startup_memory_error
+
 START_TIMEOUT_S = 300.0  # a cold start on 2 busy cores takes 30-130 s; never wait forever
 STOP_GRACE_S = 15.0
 HEALTH_POLL_S = 0.5
@@ -150,6 +152,9 @@ class VLLMServer:
             code = self.proc.poll()
             if code is not None:
                 self.kill()
+                hint = startup_memory_error(self.log_tail(), server=True)
+                if hint is not None:  # one line saying what to set (the log has the rest)
+                    raise VLLMServerError(f"{hint} (log: {self.log_path})")
                 raise VLLMServerError(f"the vLLM server exited with code {code} before it was healthy; "
                                       f"log tail ({self.log_path}):\n{self.log_tail()}")
             try:

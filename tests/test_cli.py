@@ -20,6 +20,8 @@ def test_quick_demo_compares_three_methods_and_writes_the_report(tmp_path):
     assert result.exit_code == 0, result.output
     for row in ("student start", "teacher", "distill", "rl", "sft", "steps to", "wall time"):
         assert row in result.output
+    assert "--quick is a smoke test" in result.output  # and both tables say so
+    assert "smoke test: one student start" in result.output and "smoke test: steps and" in result.output
     comparison = json.loads((out / "comparison.json").read_text())
     assert [r["method"] for r in comparison["table"]] == ["distill", "rl", "sft"]
     # the models it printed are usable paths (not the build's .partial folder, nor checkpoints/latest)

@@ -83,3 +83,13 @@ def test_an_overlapping_lever_is_judged_again_on_top_of_the_others():
     run, _ = runs(2100.0)
     assert vs_trl.confirm_overlap(kept, run)[0] == kept
     assert vs_trl.confirm_overlap(kept[:2], run) == (kept[:2], "")  # nothing to confirm
+
+
+def test_bf16_levers_are_skipped_on_a_cpu_without_bf16_units():
+    vs_trl = _vs_trl()
+    levers = list(vs_trl.LEVERS)
+    assert vs_trl.runnable_levers(levers, native_bf16=True) == (levers, [])
+    kept, skipped = vs_trl.runnable_levers(levers, native_bf16=False)
+    assert skipped == ["vLLM sampler bf16", "sampler bf16", "teacher bf16", "learner bf16"]
+    assert kept == ["vLLM sampler", "max_staleness 1", "micro-batch 8"]
+    assert {"cpu", "flags", "native_bf16"} <= set(vs_trl.MACHINE)

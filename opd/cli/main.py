@@ -329,7 +329,15 @@ def _print_summary(summary: dict) -> None:
             console.print(f"[yellow]no final evaluation: the last one is of step {end_step}[/yellow]")
     with_data = (f" (+{summary['flops_data_total']:.3g} to write the data)" if summary.get("flops_data_total") else "")
     console.print(f"tokens trained: {summary['tokens_trained_total']:,}   FLOPs: {summary['flops_total']:.3g}{with_data}"
-                  f"   wall time in steps: {summary['wall_s_total']:.1f} s   metrics: {summary['run_dir']}/metrics.jsonl")
+                  f"   wall time in steps: {summary['wall_s_total']:.1f} s{_threads(summary)}   metrics: "
+                  f"{summary['run_dir']}/metrics.jsonl")
+
+
+def _threads(summary: dict) -> str:
+    machine = summary.get("machine") or {}
+    if "threads" not in machine:
+        return ""
+    return f" ({machine['threads']} threads on {machine['usable_cores']} usable cores)"
 
 
 def _print_evals(title: str, start: dict, end: dict, end_step: int | None) -> None:

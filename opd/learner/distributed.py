@@ -1,7 +1,7 @@
 """The learner on several processes, launched by `torchrun` (DESIGN.md §3): data-parallel
 training with DDP or FSDP2 (`torch.distributed.fsdp.fully_shard`), gloo on CPU, NCCL on GPU.
 
-    torchrun --nproc-per-node 2 $(which opd) distill --config run.yaml train.strategy=fsdp2
+    .venv/bin/torchrun --nproc-per-node 2 .venv/bin/opd distill --config run.yaml train.strategy=fsdp2
 
 Everything the loop needs from the other processes is here, so that `opd.loop` stays the loop:
 

@@ -25,6 +25,8 @@ def build_sampler(cfg, learner, tokenizer, model, run_dir: Path):
         return VLLMServerSampler(cfg.sampling.url, export, tokenizer, cfg.sampling, sync_dir, eos_ids)
     max_len = cfg.data.max_prompt_tokens + max(cfg.sampling.max_new_tokens, cfg.eval.max_new_tokens or 0)
     positions = getattr(model.config, "max_position_embeddings", None)
+    rows = cfg.train.prompts_per_step * cfg.sampling.samples_per_prompt  # what a step samples at once
     return VLLMSampler(learner.policy_weights, export, tokenizer, cfg.sampling, next(model.parameters()).dtype,
-                       min(max_len, positions or max_len), cfg.train.seed, eos_ids)
+                       min(max_len, positions or max_len), cfg.train.seed, eos_ids, model_config=model.config,
+                       rows=rows)
 

