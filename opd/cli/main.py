@@ -200,6 +200,26 @@ def evaluate(
 
 
 @app.command()
+def export(
+    source: str = typer.Argument(..., help="a run directory, a checkpoint directory, or a model"),
+    out: Path = typer.Argument(..., help="a new folder for the Hugging Face model"),
+    merge: bool = typer.Option(False, "--merge", help="a LoRA adapter merged into its base: one full model"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace what OUT holds"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config for a bare model's settings"),
+):
+    """A plain Hugging Face model (from_pretrained, vLLM) or a LoRA adapter whose base loads with it."""
+    from opd.export import export as export_model
+
+    try:
+        result = export_model(source, out, merge=merge, config=config, overwrite=overwrite)
+    except _user_errors() as err:
+        raise _fail(err)
+    what = {"merged": "the LoRA adapter merged into its base", "full": "the full model",
+            "adapter": f"the LoRA adapter (base: {result['base']})"}[result["kind"]]
+    console.print(f"exported {what} to {result['path']}")
+
+
+@app.command()
 def tasks(
     name: str = typer.Argument(..., help="arithmetic, knowledge or instruction"),
     out: Path = typer.Option(..., "--out", "-o", help="JSONL file to write"),
