@@ -33,6 +33,12 @@ def export(source: str, out: Path, merge: bool = False, config: Path | None = No
             raise ConfigError(f"{out} already exists and is not empty: choose a new folder for the export")
     tree, weights = resolve_model(str(source), config)
     cfg = load_config(None, [*overrides, "log.progress=false"], base=tree)
+    return export_config(cfg, weights, out, merge)
+
+
+def export_config(cfg, weights: Path | None, out: Path, merge: bool = False) -> dict:
+    """`export` of cfg.student with a checkpoint's `weights` (None: the model as configured)."""
+    out = Path(out)
     model, tokenizer = _load_student(cfg, weights)
 
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")

@@ -12,8 +12,10 @@ when there is one (`lm_eval/opd_gsm8k_local/exact_match_strict-match`).
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 INSTALL = "pip install 'opd[eval]'"
@@ -159,3 +161,76 @@ def table_of(results: dict) -> str:
     from lm_eval.utils import make_table
 
     return make_table(results)
+
+
+# ---------------------------------------------------------------------------------------------
+# `opd eval --lm-eval`
+
+
+def evaluate_source(model: str, tasks: str | list[str], config: Path | None = None, overrides: list[str] = (),
+                    limit: int | float | None = None, output: Path | None = None) -> dict:
+    """lm-eval of a run's latest checkpoint, one checkpoint, or a model, exported (LoRA merged) to
+    a temporary Hugging Face directory. The harness's JSON goes to RUN/lm_eval/<checkpoint>.json
+    for a run or a checkpoint (and to `output` when given); returns what was written."""
+    from opd.config import load_config
+    from opd.eval_command import resolve_model
+
+    require_harness()  # before any model loads
+    names = parse_tasks(tasks)
+    tree, weights = resolve_model(model, config)
+    cfg = load_config(None, [*overrides, "log.progress=false"], base=tree)
+    results = evaluate_config(cfg, weights, names, limit)
+    record = {"model": model, "checkpoint": str(weights.parent) if weights is not None else None,
+              "tasks": names, "limit": limit, "metrics": metrics_of(results), "table": table_of(results),
+              "harness": _jsonable(results)}
+    targets = [output] if output is not None else []
+    if weights is not None:  # run_dir/checkpoints/step_N/model
+        targets.append(weights.parent.parent.parent / "lm_eval" / f"{weights.parent.name}.json")
+    for target in targets:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(json.dumps(record, indent=2) + "\n")
+    record["written"] = [str(t) for t in targets]
+    return record
+
+
+def evaluate_config(cfg, weights: Path | None, tasks: list[str], limit: int | float | None = None,
+                    log_samples: bool = False) -> dict:
+    """The harness on cfg.student (a checkpoint's `weights` loaded over it), in cfg's device and
+    the student's dtype, generating at most eval.max_new_tokens when that is set."""
+    from opd.models import pick_device
+
+    device = pick_device(cfg.train.device).type
+    with tempfile.TemporaryDirectory(prefix="opd-lm-eval-") as tmp:
+        directory = model_directory(cfg, weights, Path(tmp) / "model")
+        return run_harness(directory, tasks, device=device, dtype=cfg.student.dtype, limit=limit,
+                           batch_size=cfg.train.micro_batch_size, max_gen_toks=cfg.eval.max_new_tokens,
+                           log_samples=log_samples, seed=cfg.eval.seed)
+
+
+def model_directory(cfg, weights: Path | None, scratch: Path) -> Path:
+    """A Hugging Face directory of cfg.student: the user's own when nothing is to be merged or
+    loaded over it, else an export (LoRA merged) into `scratch`."""
+    from opd.export import export_config, loadable_base
+
+    if weights is None and cfg.student.lora is None and cfg.student.path is not None:
+        return loadable_base(cfg.student)
+    export_config(cfg, weights, scratch, merge=True)
+    return scratch
+
+
+def _jsonable(value):
+    """The harness's result dict as JSON: numbers, strings, lists and dicts kept, the rest as text."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item"):  # numpy and torch scalars
+        try:
+            return value.item()
+        except (ValueError, TypeError):
+            pass
+    return str(value)

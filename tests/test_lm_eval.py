@@ -1,0 +1,115 @@
+"""lm-evaluation-harness through opd: the shipped local tasks run offline, a tiny model's harness
+score equals opd's own greedy evaluation of the same rows, and without the extra `--lm-eval` is
+one line with the install command."""
+
+import json
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from helpers import tiny
+from opd.cli.main import app
+from opd.config import EvalConfig, SamplingConfig
+from opd.data import encode_prompts
+from opd.evaluation import completion_text, evaluate_prompts
+from opd.harness import TASK_DIR, metrics_of, offline_punkt, run_harness
+from opd.sampler.hf import HFSampler
+
+pytest.importorskip("lm_eval")
+
+GSM8K_ROWS = [json.loads(line) for line in (TASK_DIR / "data" / "gsm8k_format_test.jsonl").read_text().splitlines()]
+
+
+def _question(row):
+    return f"Question: {row['question']}\nAnswer:"  # the shipped task's doc_to_text
+
+
+def _gold(row):
+    return row["answer"].split("#### ")[-1]
+
+
+@pytest.fixture(scope="module")
+def answering_model(tmp_path_factory):
+    """A tiny model taught to answer the shipped GSM8K-format questions, right on every other row
+    and wrong on the rest, so that the score is neither 0 nor 1; saved as a Hugging Face folder."""
+    model, tokenizer = tiny(hidden=32, seed=5)
+    conversations = []
+    for i, row in enumerate(GSM8K_ROWS):
+        answer = _gold(row) if i % 2 == 0 else str(int(_gold(row)) + 3)
+        conversations.append([{"role": "user", "content": _question(row)},
+                              {"role": "assistant", "content": f"So it is {answer}. #### {answer}"}])
+    encoded = [tokenizer.apply_chat_template(c, return_dict=True)["input_ids"] for c in conversations]
+    width = max(map(len, encoded))
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(encoded):
+        ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+    labels = ids.masked_fill(mask == 0, -100)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    torch.manual_seed(0)
+    for _ in range(60):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    directory = tmp_path_factory.mktemp("lm_eval") / "model"
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory, model.eval(), tokenizer
+
+
+MAX_NEW = 24
+
+
+def test_the_harness_score_on_the_local_gsm8k_task_equals_opds_own_greedy_evaluation(answering_model):
+    directory, model, tokenizer = answering_model
+    results = run_harness(directory, ["opd_gsm8k_local"], num_fewshot=0, max_gen_toks=MAX_NEW, batch_size=4,
+                          log_samples=True)
+    harness = metrics_of(results)
+    samples = sorted((s for s in results["samples"]["opd_gsm8k_local"] if s["filter"] == "strict-match"),
+                     key=lambda s: s["doc_id"])
+
+    records = [(f"row {i}", {"messages": [{"role": "user", "content": _question(r)}], "answer": _gold(r)})
+               for i, r in enumerate(GSM8K_ROWS)]
+    prompts, _ = encode_prompts(records, tokenizer, 512)
+    sampler = HFSampler(model, tokenizer, SamplingConfig(stop=["Question:"]))
+    ours, rollouts = evaluate_prompts(prompts, sampler, EvalConfig(greedy=True), MAX_NEW, default_grader="numeric")
+    texts = [completion_text(tokenizer, row, keep) for row, keep in zip(rollouts.tokens, rollouts.completion_mask)]
+
+    # the same greedy completions, row by row ...
+    assert [s["resps"][0][0].strip() for s in samples] == [t.replace("</s>", "").strip() for t in texts]
+    # ... and the same score: the harness's last-number extraction against opd's numeric grader
+    assert harness["lm_eval/opd_gsm8k_local/exact_match_flexible-extract"] == pytest.approx(ours["accuracy"])
+    assert harness["lm_eval/opd_gsm8k_local/exact_match_strict-match"] == pytest.approx(ours["accuracy"])
+    assert 0.25 <= ours["accuracy"] <= 0.75  # the model learnt the rows: right on half of them
+
+
+def test_the_shipped_math_and_ifeval_tasks_run_offline(answering_model):
+    directory, _, _ = answering_model
+    results = run_harness(directory, ["opd_math500_local", "opd_ifeval_local"], limit=3, max_gen_toks=8)
+    metrics = metrics_of(results)
+    assert {"lm_eval/opd_math500_local/math_verify", "lm_eval/opd_math500_local/exact_match",
+            "lm_eval/opd_ifeval_local/prompt_level_strict_acc",
+            "lm_eval/opd_ifeval_local/inst_level_loose_acc"} <= set(metrics)
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+
+
+def test_nltk_finds_punkt_without_a_download(tmp_path, monkeypatch):
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "empty")])
+    root = offline_punkt(tmp_path / "nltk_data")
+    assert root == tmp_path / "nltk_data" and nltk.data.path[0] == str(root)
+    # Punkt's abbreviation table keeps "Dr." inside a sentence
+    assert nltk.sent_tokenize("Dr. Smith arrived at noon. He left soon after.") == [
+        "Dr. Smith arrived at noon.", "He left soon after."]
+
+
+def test_without_the_extra_lm_eval_is_one_line_with_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "no-such-model"), "--lm-eval", "opd_gsm8k_local"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "pip install 'opd[eval]'" in lines[0], result.output
