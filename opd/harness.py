@@ -234,3 +234,44 @@ def _jsonable(value):
         except (ValueError, TypeError):
             pass
     return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# eval.lm_eval: the harness between training steps
+
+
+class HarnessDuringTraining:
+    """`eval.lm_eval` of a run: at step 0, every `every` steps and at the last step, the learner's
+    policy (a LoRA adapter merged) is exported to a scratch folder and scored by the harness.
+    Rank 0 only under torchrun (the weights are the same on every rank); a no-op when unset."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.spec = cfg.eval.lm_eval
+        if self.spec is not None:
+            require_harness()  # one line before any model loads, not after the first steps
+            from opd.learner import distributed
+
+            self.main = distributed.is_main()
+
+    def due(self, step: int) -> bool:
+        if self.spec is None or not self.main:
+            return False
+        return step == 0 or step == self.cfg.train.steps or bool(self.spec.every and step % self.spec.every == 0)
+
+    def __call__(self, step: int, learner, tokenizer) -> dict:
+        """lm_eval/<task>/<metric> after `step`, or {} when it is not due."""
+        if not self.due(step):
+            return {}
+        from opd.models import pick_device
+
+        limit = self.spec.limit
+        limit = int(limit) if limit is not None and limit >= 1 else limit
+        with tempfile.TemporaryDirectory(prefix="opd-lm-eval-") as tmp:
+            learner.export_policy(Path(tmp), tokenizer)
+            results = run_harness(Path(tmp), self.spec.tasks, device=pick_device(self.cfg.train.device).type,
+                                  dtype=self.cfg.student.dtype, limit=limit,
+                                  batch_size=self.cfg.train.micro_batch_size,
+                                  max_gen_toks=self.cfg.eval.max_new_tokens, seed=self.cfg.eval.seed,
+                                  num_fewshot=self.spec.num_fewshot)
+        return metrics_of(results)

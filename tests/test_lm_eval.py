@@ -123,3 +123,43 @@ def test_without_the_extra_lm_eval_is_one_line_with_the_install_command(monkeypa
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "pip install 'opd[eval]'" in lines[0], result.output
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_in_training_lm_eval_is_logged_at_its_steps_and_survives_resume(tmp_path):
+    from helpers import TINY_RUN
+    from opd.config import load_config
+    from opd.loop import train
+
+    settings = [*TINY_RUN, "train.steps=4", "eval.max_new_tokens=6", "log.tensorboard=true",
+                "eval.lm_eval={tasks: [opd_gsm8k_local], every: 3, limit: 2, num_fewshot: 0}"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(load_config(None, [f"run_dir={straight}", *settings]))
+    train(load_config(None, [f"run_dir={split}", *settings]), stop_after=2)
+    train(load_config(None, [f"run_dir={split}", *settings]), resume=True)
+
+    key = "lm_eval/opd_gsm8k_local/exact_match_strict-match"
+    for run_dir in (straight, split):
+        assert [r["step"] for r in _rows(run_dir) if key in r] == [0, 3, 4]  # the start, every 3, the end
+    benchmarks = [{k: v for k, v in r.items() if k.startswith("lm_eval/")} for r in _rows(straight)]
+    assert benchmarks == [{k: v for k, v in r.items() if k.startswith("lm_eval/")} for r in _rows(split)]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(straight)).Reload()
+    assert [e.step for e in events.Scalars(key)] == [0, 3, 4]
+
+
+def test_a_run_with_lm_eval_but_no_harness_fails_before_loading_models(monkeypatch, tmp_path):
+    from helpers import TINY_RUN
+    from opd.config import load_config
+    from opd.loop import train
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", *TINY_RUN, "eval.lm_eval={tasks: [opd_gsm8k_local]}"])
+    with pytest.raises(ImportError, match=r"pip install 'opd\[eval\]'"):
+        train(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
