@@ -12,6 +12,7 @@ when there is one (`lm_eval/opd_gsm8k_local/exact_match_strict-match`).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -117,7 +118,7 @@ def run_harness(model_dir: Path, tasks: list[str], device: str = "cpu", dtype: s
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=[str(TASK_DIR), *(str(p) for p in include_path or [])])
+    manager = _task_manager(tuple(tasks), tuple(str(p) for p in include_path or []))
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         from opd.config import ConfigError
@@ -139,6 +140,26 @@ def run_harness(model_dir: Path, tasks: list[str], device: str = "cpu", dtype: s
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         bootstrap_iters=0,  # no stderr resampling: seconds on a large set, and opd logs the means
     )
+
+
+def _task_manager(tasks: tuple[str, ...], include_path: tuple[str, ...]):
+    """A TaskManager that knows `tasks`: opd's (and the user's) folders alone when they hold them
+    all, since indexing the harness's ~15,000 task YAMLs took 21 s here; the full index otherwise,
+    built once per process."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(TASK_DIR), *include_path]
+    local = TaskManager(include_path=paths, include_defaults=False)
+    if all(t in local.all_tasks for t in tasks):
+        return local
+    return _full_task_manager(tuple(paths))
+
+
+@functools.lru_cache(maxsize=4)
+def _full_task_manager(paths: tuple[str, ...]):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths))
 
 
 def metrics_of(results: dict) -> dict[str, float]:
