@@ -152,6 +152,15 @@ def test_in_training_lm_eval_is_logged_at_its_steps_and_survives_resume(tmp_path
     events = EventAccumulator(str(straight)).Reload()
     assert [e.step for e in events.Scalars(key)] == [0, 3, 4]
 
+    # drawn by opd report, compared by opd compare
+    from opd.compare import method_row
+    from opd.report import build_report
+
+    page = build_report(split).read_text()
+    assert "lm_eval_vs_step.png" in page and key in page and (split / "lm_eval_vs_step.png").is_file()
+    row = method_row("distill", [straight, split], target=None)
+    assert row["lm_eval"]["opd_gsm8k_local/exact_match_strict-match"] == benchmarks[-1][key]
+
 
 def test_a_run_with_lm_eval_but_no_harness_fails_before_loading_models(monkeypatch, tmp_path):
     from helpers import TINY_RUN
