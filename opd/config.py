@@ -242,6 +242,7 @@ class LmEvalConfig(Section):
     every: int = Field(0, ge=0)  # 0: only at the start and the end
     limit: float | None = Field(None, gt=0)  # rows per task (a fraction below 1: that share); None: all
     num_fewshot: int | None = Field(None, ge=0)  # None: each task's own (GSM8K 5, MATH 4, IFEval 0)
+    tasks_dir: list[str] = Field(default_factory=list)  # folders of your own task YAMLs, besides opd's
 
 
 class EvalConfig(Section):

@@ -189,7 +189,8 @@ def table_of(results: dict) -> str:
 
 
 def evaluate_source(model: str, tasks: str | list[str], config: Path | None = None, overrides: list[str] = (),
-                    limit: int | float | None = None, output: Path | None = None) -> dict:
+                    limit: int | float | None = None, output: Path | None = None,
+                    tasks_dir: list[Path] | None = None) -> dict:
     """lm-eval of a run's latest checkpoint, one checkpoint, or a model, exported (LoRA merged) to
     a temporary Hugging Face directory. The harness's JSON goes to RUN/lm_eval/<checkpoint>.json
     for a run or a checkpoint (and to `output` when given); returns what was written."""
@@ -200,7 +201,7 @@ def evaluate_source(model: str, tasks: str | list[str], config: Path | None = No
     names = parse_tasks(tasks)
     tree, weights = resolve_model(model, config)
     cfg = load_config(None, [*overrides, "log.progress=false"], base=tree)
-    results = evaluate_config(cfg, weights, names, limit)
+    results = evaluate_config(cfg, weights, names, limit, include_path=tasks_dir)
     record = {"model": model, "checkpoint": str(weights.parent) if weights is not None else None,
               "tasks": names, "limit": limit, "metrics": metrics_of(results), "table": table_of(results),
               "harness": _jsonable(results)}
@@ -215,7 +216,7 @@ def evaluate_source(model: str, tasks: str | list[str], config: Path | None = No
 
 
 def evaluate_config(cfg, weights: Path | None, tasks: list[str], limit: int | float | None = None,
-                    log_samples: bool = False) -> dict:
+                    log_samples: bool = False, include_path: list[Path] | None = None) -> dict:
     """The harness on cfg.student (a checkpoint's `weights` loaded over it), in cfg's device and
     the student's dtype, generating at most eval.max_new_tokens when that is set."""
     from opd.models import pick_device
@@ -225,7 +226,7 @@ def evaluate_config(cfg, weights: Path | None, tasks: list[str], limit: int | fl
         directory = model_directory(cfg, weights, Path(tmp) / "model")
         return run_harness(directory, tasks, device=device, dtype=cfg.student.dtype, limit=limit,
                            batch_size=cfg.train.micro_batch_size, max_gen_toks=cfg.eval.max_new_tokens,
-                           log_samples=log_samples, seed=cfg.eval.seed)
+                           log_samples=log_samples, seed=cfg.eval.seed, include_path=include_path)
 
 
 def model_directory(cfg, weights: Path | None, scratch: Path) -> Path:
@@ -294,5 +295,6 @@ class HarnessDuringTraining:
                                   dtype=self.cfg.student.dtype, limit=limit,
                                   batch_size=self.cfg.train.micro_batch_size,
                                   max_gen_toks=self.cfg.eval.max_new_tokens, seed=self.cfg.eval.seed,
-                                  num_fewshot=self.spec.num_fewshot)
+                                  num_fewshot=self.spec.num_fewshot,
+                                  include_path=[Path(p) for p in self.spec.tasks_dir])
         return metrics_of(results)

@@ -172,3 +172,33 @@ def test_a_run_with_lm_eval_but_no_harness_fails_before_loading_models(monkeypat
     with pytest.raises(ImportError, match=r"pip install 'opd\[eval\]'"):
         train(cfg)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_opd_eval_lm_eval_on_a_lora_run_writes_the_harness_json_into_the_run(tmp_path):
+    import shutil
+
+    from helpers import TINY_RUN
+    from opd.config import load_config
+    from opd.loop import train
+
+    run_dir = tmp_path / "run"
+    train(load_config(None, [f"run_dir={run_dir}", *TINY_RUN, "train.steps=1", "student.lora.rank=2"]))
+    # a task of the user's own: a copy of the shipped one under a new name, in a folder of its own
+    mine = tmp_path / "my_tasks"
+    mine.mkdir()
+    shutil.copy(TASK_DIR / "utils.py", mine / "utils.py")
+    yaml_text = (TASK_DIR / "gsm8k_local.yaml").read_text().replace("task: opd_gsm8k_local", "task: my_gsm8k")
+    data = TASK_DIR / "data"
+    yaml_text = yaml_text.replace("data/gsm8k_format", f"{data}/gsm8k_format")  # absolute paths
+    (mine / "my_gsm8k.yaml").write_text(yaml_text)
+
+    result = CliRunner().invoke(app, ["eval", str(run_dir), "eval.max_new_tokens=4", "--lm-eval",
+                                      "opd_gsm8k_local,my_gsm8k", "--limit", "2", "--tasks-dir", str(mine)])
+    assert result.exit_code == 0, result.output
+    assert "opd_gsm8k_local" in result.output and "my_gsm8k" in result.output and "exact_match" in result.output
+    written = json.loads((run_dir / "lm_eval" / "step_000001.json").read_text())
+    assert written["checkpoint"] == str(run_dir / "checkpoints" / "step_000001")
+    assert written["metrics"]["lm_eval/my_gsm8k/exact_match_strict-match"] == \
+        written["metrics"]["lm_eval/opd_gsm8k_local/exact_match_strict-match"]
+    assert written["harness"]["results"]["opd_gsm8k_local"]
+

@@ -179,13 +179,15 @@ def evaluate(
                                           "(e.g. opd_gsm8k_local,ifeval): needs pip install 'opd[eval]'"),
     limit: Optional[float] = typer.Option(None, "--limit", help="--lm-eval: at most this many rows per task "
                                           "(a fraction below 1: that share)"),
+    tasks_dir: Optional[List[Path]] = typer.Option(None, "--tasks-dir", help="--lm-eval: a folder of your own "
+                                                   "task YAMLs (repeatable), besides opd's shipped ones"),
 ):
     """Accuracy (per task and per check) and, with a teacher, teacher KL, for any model; with
     --lm-eval, the harness's scores of the model exported with its LoRA merged."""
     from opd.eval_command import run_eval
 
     if lm_eval is not None:
-        return _evaluate_with_harness(model, lm_eval, config, overrides or [], limit, output)
+        return _evaluate_with_harness(model, lm_eval, config, overrides or [], limit, output, tasks_dir)
 
     extra = [f"eval.samples_per_prompt={samples}"] if samples else []
     extra += ["eval.greedy=true"] if greedy else []
@@ -207,13 +209,13 @@ def evaluate(
         console.print(f"results: {output}")
 
 
-def _evaluate_with_harness(model: str, tasks: str, config, overrides: list[str], limit, output) -> None:
+def _evaluate_with_harness(model: str, tasks: str, config, overrides: list[str], limit, output, tasks_dir) -> None:
     from opd.harness import evaluate_source
 
     if limit is not None and limit >= 1:
         limit = int(limit)
     try:
-        record = evaluate_source(model, tasks, config, overrides, limit, output)
+        record = evaluate_source(model, tasks, config, overrides, limit, output, tasks_dir)
     except _user_errors() as err:
         raise _fail(err)
     console.print(record["table"], markup=False, highlight=False)
