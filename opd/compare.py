@@ -159,6 +159,15 @@ def mean_rows(run_dirs: list[Path]) -> list[dict]:
     return out
 
 
+def benchmark_scores(rows: list[dict], last: bool = True) -> dict[str, float]:
+    """The harness's scores (eval.lm_eval: lm_eval/<task>/<metric>) of the last (or first)
+    evaluation that logged each, keyed without the prefix."""
+    scores = {}
+    for r in (rows if last else reversed(rows)):
+        scores.update({k.removeprefix("lm_eval/"): v for k, v in r.items() if k.startswith("lm_eval/")})
+    return dict(sorted(scores.items()))
+
+
 def logged_teacher_accuracy(run_dirs: list[Path]) -> float | None:
     """The teacher's accuracy that the runs measured at step 0 (eval/teacher_accuracy; the mean when
     several runs logged one); None when none did (no teacher, a served one, or an older run)."""
@@ -191,7 +200,8 @@ def method_row(name: str, run_dir: Path | list[Path], target: float | None, extr
     config (their mean curve: accuracies, FLOPs and wall time are means over the seeds)."""
     run_dirs = [Path(d) for d in (run_dir if isinstance(run_dir, list) else [run_dir])]
     summaries = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
-    rows = [r for r in mean_rows(run_dirs) if "eval/accuracy" in r]
+    all_rows = mean_rows(run_dirs)
+    rows = [r for r in all_rows if "eval/accuracy" in r]
 
     def mean(key: str) -> float:
         return sum(s[key] for s in summaries) / len(summaries)
@@ -207,6 +217,7 @@ def method_row(name: str, run_dir: Path | list[Path], target: float | None, extr
         "final_accuracy": rows[-1]["eval/accuracy"] if rows else None,
         "best_accuracy": max(r["eval/accuracy"] for r in rows) if rows else None,
         "steps": max(s["steps_done"] for s in summaries),
+        "lm_eval": benchmark_scores(all_rows),  # the harness's last scores (eval.lm_eval), {} when none
         **reached,
         "flops_total": mean("flops_total"),
         "flops_total_with_data": mean("flops_total_with_data"),
@@ -375,6 +386,15 @@ def print_comparison(comparison: dict, console: Console, title_prefix: str = "")
         if r["flops_total_with_data"] > r["flops_total"]:  # the steps are the same; only the FLOPs differ
             reaching.add_row(f"  {r['method']}, data paid", *cells(r, "flops_with_data", with_steps=False))
     console.print(reaching)
+    names = sorted({k for r in rows for k in r.get("lm_eval", {})})
+    if names:  # eval.lm_eval: the harness's benchmarks, one column per task and metric
+        benchmarks = Table(title="lm-eval: the last evaluation of each run")
+        benchmarks.add_column("")
+        for name in names:
+            benchmarks.add_column(name.replace("/", "\n"), justify="right")
+        for r in rows:
+            benchmarks.add_row(label(r), *(_number(r.get("lm_eval", {}).get(n)) for n in names))
+        console.print(benchmarks)
     console.print("accuracy: sampled pass@1 on held-out problems; FLOPs: student + teacher, training steps only "
                   "(\"data paid\" adds the teacher's sampling of SFT's data); wall time: training steps, SFT's "
                   "including the teacher's sampling")
@@ -385,3 +405,7 @@ def print_comparison(comparison: dict, console: Console, title_prefix: str = "")
         console.print(f"{common:.3f}, the common accuracy: the highest that every method reached (the lowest of "
                       "their best evaluations), to compare steps and FLOPs at one accuracy when the target is out "
                       "of reach")
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -105,6 +105,10 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
         from opd.sampler.vllm import import_vllm
 
         import_vllm()  # refused in seconds, not after the models are loaded
+    if cfg.eval.lm_eval is not None:
+        from opd.harness import require_harness
+
+        require_harness()  # likewise
     device = pick_device(cfg.train.device)
     student_tokenizer = load_tokenizer(cfg.student)
     teacher = None

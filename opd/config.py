@@ -280,6 +280,16 @@ class RLConfig(Section):
     divide_by_std: bool = False  # also divide by the group's reward std (GRPO); off: Dr. GRPO-style centring only
 
 
+class LmEvalConfig(Section):
+    """lm-evaluation-harness tasks run between steps (opd.harness; needs pip install 'opd[eval]'),
+    logged as lm_eval/<task>/<metric>."""
+    tasks: list[str] = Field(min_length=1)  # e.g. [opd_gsm8k_local, ifeval]
+    every: int = Field(0, ge=0)  # 0: only at the start and the end
+    limit: float | None = Field(None, gt=0)  # rows per task (a fraction below 1: that share); None: all
+    num_fewshot: int | None = Field(None, ge=0)  # None: each task's own (GSM8K 5, MATH 4, IFEval 0)
+    tasks_dir: list[str] = Field(default_factory=list)  # folders of your own task YAMLs, besides opd's
+
+
 class EvalConfig(Section):
     every: int = Field(0, ge=0)  # 0: only at the start and the end
     samples_per_prompt: int = Field(1, ge=1)  # k: accuracy is pass@1 averaged over k samples per prompt
@@ -292,6 +302,7 @@ class EvalConfig(Section):
     # At step 0, also the teacher's own accuracy on the eval sets (eval/teacher_accuracy): the
     # ceiling the student is measured against. In-process teachers only (a served one does not sample).
     teacher_accuracy: bool = True
+    lm_eval: LmEvalConfig | None = None  # the harness's benchmarks too (step 0, every N steps, the end)
 
 
 class LogConfig(Section):

@@ -42,6 +42,7 @@ from opd.data import PromptSchedule
 from opd.evaluation import (evaluate_prompts, grade_rollouts, reward_metrics, rewards_of, rollout_metrics,
                             rollout_records, teacher_ceiling)
 from opd.flops import sampling_flops, scoring_flops, training_flops
+from opd.harness import HarnessDuringTraining
 from opd.learner import distributed
 from opd.learner.checkpoint import NonFiniteWeightsError, latest_checkpoint, load_trainer_state, rng_state, set_rng_state
 from opd.models import pick_device
@@ -397,11 +398,14 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
             console.print(f"[red]{escape(str(err))}[/red]")
             return None
 
-    def timed_evaluate() -> dict:
+    def timed_evaluate(step: int | None = None) -> dict:
+        """The eval sets (`step` None), or the harness's tasks when eval.lm_eval has them due after `step`."""
         t = time.perf_counter()
-        metrics = evaluate(components, cfg)
+        metrics = evaluate(components, cfg) if step is None else harness(step, learner, tokenizer)
         totals["eval_s_total"] += time.perf_counter() - t
         return metrics
+
+    harness = HarnessDuringTraining(cfg)
 
     batches = StudentBatches(cfg, components, PromptSchedule(len(data.train_prompts), cfg.train.prompts_per_step,
                                                              cfg.train.seed)) if cfg.on_policy else None
@@ -415,11 +419,13 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
     else:
         first_eval = last_eval = timed_evaluate()
         last_eval_step = 0
+        benchmarks = timed_evaluate(step=0)
         if first_eval:
             t = time.perf_counter()
             first_eval = {**first_eval, **evaluate_teacher(components, cfg)}  # the ceiling: step 0 only
             totals["eval_s_total"] += time.perf_counter() - t
-            log.log(0, {**first_eval, **totals})
+        if first_eval or benchmarks:
+            log.log(0, {**first_eval, **benchmarks, **totals})
     last_metrics: dict = {}
     interrupted = False
     nonfinite_in_a_row = 0
@@ -454,6 +460,7 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
                     metrics.update(last_eval)
                 except (TeacherUnavailableError, TeacherResponseError) as err:  # the step is done: log, save, stop
                     eval_error = err
+            metrics.update(timed_evaluate(step))
             metrics.update(totals)
             log.log(step, metrics)
             if cfg.on_policy and cfg.log.rollouts_every and (step % cfg.log.rollouts_every == 0 or step == 1):

@@ -103,13 +103,14 @@ def load_model(spec: ModelConfig, device: torch.device,
 
 
 def user_model_name(spec: ModelConfig) -> str | None:
-    """The model as the user named it: the GGUF file or directory (absolute), or the hub id; None
-    for a tiny model. What a LoRA adapter records as its base, rather than opd's cache."""
+    """What a LoRA adapter records as its base: a directory that `from_pretrained` opens. The
+    model's directory (absolute) or hub id as the user named it; for a GGUF file, its de-quantised
+    copy under OPD_CACHE (transformers cannot open a .gguf as a base); None for a tiny model."""
     if spec.path is None:
         return None
     gguf_path = _gguf_path(spec)
     if gguf_path is not None:
-        return str(gguf_path.resolve())
+        return str(Path(convert_gguf(gguf_path)).resolve())
     path = Path(spec.path).expanduser()
     return str(path.resolve()) if path.exists() else spec.path
 

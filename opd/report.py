@@ -174,7 +174,15 @@ def build_report(run_dir: str | Path, rollouts_shown: int = 4) -> Path:
     if _plot(run_dir / "teacher_kl_vs_step.png", "teacher KL vs step", "step", "nats per token", kl_curves):
         figures.append("teacher_kl_vs_step.png")
 
+    from opd.compare import benchmark_scores
+
+    benchmark_keys = sorted({k for r in rows for k in r if k.startswith("lm_eval/")})
+    if _plot(run_dir / "lm_eval_vs_step.png", "lm-eval scores vs step", "step", "score",
+             {k.removeprefix("lm_eval/"): _curve(rows, "step", k) for k in benchmark_keys}):
+        figures.append("lm_eval_vs_step.png")
     start, last = summary.get("start_eval") or {}, summary.get("last_eval") or {}
+    start = {**start, **{f"lm_eval/{k}": v for k, v in benchmark_scores(rows, last=False).items()}}
+    last = {**last, **{f"lm_eval/{k}": v for k, v in benchmark_scores(rows).items()}}
     table = "".join(f"<tr><td>{html.escape(k)}</td><td>{start.get(k, float('nan')):.4f}</td><td>{v:.4f}</td></tr>"
                     for k, v in last.items() if isinstance(v, (int, float)))
     totals = {k: summary[k] for k in ("steps_done", "flops_total", "flops_total_with_data", "tokens_trained_total",
@@ -192,6 +200,18 @@ def build_report(run_dir: str | Path, rollouts_shown: int = 4) -> Path:
     out = run_dir / "report.html"
     out.write_text(_page(f"opd report: {run_dir}", body))
     return out
+
+
+def _benchmarks_html(table: list[dict]) -> str:
+    """The harness's last scores per method (eval.lm_eval), or nothing when no run logged any."""
+    names = sorted({k for r in table for k in r.get("lm_eval", {})})
+    if not names:
+        return ""
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    body = "".join(f"<tr><td>{html.escape(r['method'])}</td>"
+                   + "".join(f"<td>{_fmt(r.get('lm_eval', {}).get(n), '.3f')}</td>" for n in names) + "</tr>"
+                   for r in table)
+    return f'<h2 id="lm-eval">lm-eval benchmarks (the last evaluation)</h2><table><tr><th></th>{head}</tr>{body}</table>'
 
 
 def _fmt(value, spec: str = ".3g", missing: str = "-") -> str:
@@ -269,6 +289,7 @@ def build_comparison_report(out_dir: str | Path, rollouts_shown: int = 4) -> Pat
 <p>folder <code>{html.escape(str(out_dir))}</code>. {target_text}{common_text}</p>
 <h2 id="table">Results</h2>
 <table><tr><th></th><th>accuracy</th>{head}<th>FLOPs in all</th><th>wall time</th></tr>{"".join(table_rows)}</table>
+{_benchmarks_html(comparison["table"])}
 <h2 id="curves">Curves</h2>
 {_images(figures)}
 <h2 id="rollouts">Rollouts coloured by the per-token log-ratio to the teacher</h2>

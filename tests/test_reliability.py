@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -323,15 +324,16 @@ def test_a_lora_adapter_names_the_model_the_user_gave_not_the_cache(tmp_path, sa
     lora = {"rank": 2, "target_modules": ["q_proj"]}
     model, _ = load_model(ModelConfig(path=str(saved_model), lora=lora), CPU)
     assert model.peft_config["default"].base_model_name_or_path == str(saved_model.resolve())
-    # a GGUF file is de-quantised into opd's cache; the adapter still names the GGUF file
+    # a GGUF file is de-quantised into opd's cache; the adapter names that copy, which
+    # from_pretrained opens (it cannot open the .gguf file as a base)
     gguf = tmp_path / "model.Q4.gguf"
     gguf.write_bytes(b"GGUF")
     monkeypatch.setattr(opd.models, "convert_gguf", lambda path: saved_model)
     model, tok = load_model(ModelConfig(path=str(gguf), lora=lora), CPU)
-    assert model.peft_config["default"].base_model_name_or_path == str(gguf.resolve())
+    assert model.peft_config["default"].base_model_name_or_path == str(saved_model.resolve())
     checkpoint = save_checkpoint(tmp_path / "run", 1, _learner(model), tok, _state(1), keep_last=1)
     adapter_config = json.loads((checkpoint / "model" / "adapter_config.json").read_text())
-    assert adapter_config["base_model_name_or_path"] == str(gguf.resolve())
+    assert adapter_config["base_model_name_or_path"] == str(saved_model.resolve())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,7 +509,19 @@ def test_a_gguf_tokenizer_loads_without_de_quantising_and_the_conversion_is_quie
                                       CPU)
     printed = capfd.readouterr()
     assert "de-quantizing" not in printed.err + printed.out  # the GGUF progress bar is silenced
-    assert student.peft_config["default"].base_model_name_or_path == str(gguf_file.resolve())
+    base = student.peft_config["default"].base_model_name_or_path
+    assert Path(base).parent == (cache_root() / "gguf").resolve() and (Path(base) / "config.json").is_file()
+    # so the checkpoint's adapter loads with peft alone
+    from peft import AutoPeftModelForCausalLM
+
+    checkpoint = save_checkpoint(tmp_path / "run", 1, _learner(student), student_tok, _state(1), keep_last=1)
+    ids = torch.tensor([[1, 5, 9, 14]])
+    with torch.no_grad():
+        loaded = AutoPeftModelForCausalLM.from_pretrained(str(checkpoint / "model"), local_files_only=True)
+        expected = student(ids).logits
+        # peft resizes the embeddings to the saved tokenizer, which transformers' GGUF reader gives
+        # one token more than this hand-written file's vocabulary; the model's own rows must agree
+        torch.testing.assert_close(loaded(ids).logits[..., :expected.shape[-1]], expected)
     assert student_tok.get_vocab() == tokenizer.get_vocab()
     # once converted, the tokenizer comes from the cache, and is the same
     assert load_tokenizer(ModelConfig(path=str(gguf_file))).get_vocab() == tokenizer.get_vocab()

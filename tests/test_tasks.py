@@ -354,6 +354,40 @@ def test_math_grader(completion, answer, score):
     assert user_grade("math", completion, answer) == score
 
 
+@pytest.mark.parametrize("completion, answer, score", [
+    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}", 1.0),  # equal as expressions, not as strings
+    ("The answer is $\\boxed{\\sqrt{8}}$", "2\\sqrt{2}", 1.0),
+    ("the answer is \\boxed{\\frac{1}{\\frac{1}{2}}}", "2", 1.0),  # a \\frac nested in a \\frac in a \\boxed
+    ("\\boxed{x \\in [1, 3]}", "[1,3]", 1.0),  # an interval named by its variable
+    ("\\boxed{(-2, 2)}", "[-2,2]", 0.0),  # open and closed intervals differ
+    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
+    ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),
+    ("\\boxed{\\boxed{\\frac{3}{4}}}", "0.75", 1.0),
+])
+def test_math_grader_uses_math_verify(completion, answer, score):
+    from opd.tasks.graders import normalised_equal, verified
+
+    pytest.importorskip("math_verify")
+    assert user_grade("math", completion, answer) == score
+    assert verified(completion, answer) == bool(score)
+    if completion.startswith(("\\boxed{\\frac{\\sqrt", "The answer is $", "the answer", "\\boxed{x")):
+        assert normalised_equal(completion, answer) == 0.0  # what opd's own normaliser missed
+
+
+def test_math_verify_grades_outside_the_main_thread():
+    """Its time limit is a SIGALRM, which only the main thread has; the grader runs without it there."""
+    import threading
+
+    from opd.tasks.graders import verified
+
+    pytest.importorskip("math_verify")
+    found = []
+    worker = threading.Thread(target=lambda: found.append(verified("\\boxed{\\sqrt{8}}", "2\\sqrt{2}")))
+    worker.start()
+    worker.join()
+    assert found == [True]
+
+
 # ---------------------------------------------------------------------------------------------
 # Dispatch and errors
 

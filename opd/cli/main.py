@@ -181,9 +181,19 @@ def evaluate(
     samples: Optional[int] = typer.Option(None, "--samples", "-k", help="samples per prompt (pass@1 averaged over k)"),
     greedy: bool = typer.Option(False, "--greedy", help="argmax decoding instead of sampling at temperature 1"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the results as JSON here"),
+    lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="lm-evaluation-harness tasks, comma-separated "
+                                          "(e.g. opd_gsm8k_local,ifeval): needs pip install 'opd[eval]'"),
+    limit: Optional[float] = typer.Option(None, "--limit", help="--lm-eval: at most this many rows per task "
+                                          "(a fraction below 1: that share)"),
+    tasks_dir: Optional[List[Path]] = typer.Option(None, "--tasks-dir", help="--lm-eval: a folder of your own "
+                                                   "task YAMLs (repeatable), besides opd's shipped ones"),
 ):
-    """Accuracy (per task and per check) and, with a teacher, teacher KL, for any model."""
+    """Accuracy (per task and per check) and, with a teacher, teacher KL, for any model; with
+    --lm-eval, the harness's scores of the model exported with its LoRA merged."""
     from opd.eval_command import run_eval
+
+    if lm_eval is not None:
+        return _evaluate_with_harness(model, lm_eval, config, overrides or [], limit, output, tasks_dir)
 
     extra = [f"eval.samples_per_prompt={samples}"] if samples else []
     extra += ["eval.greedy=true"] if greedy else []
@@ -203,6 +213,40 @@ def evaluate(
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(results, indent=2) + "\n")
         console.print(f"results: {output}")
+
+
+def _evaluate_with_harness(model: str, tasks: str, config, overrides: list[str], limit, output, tasks_dir) -> None:
+    from opd.harness import evaluate_source
+
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    try:
+        record = evaluate_source(model, tasks, config, overrides, limit, output, tasks_dir)
+    except _user_errors() as err:
+        raise _fail(err)
+    console.print(record["table"], markup=False, highlight=False)
+    for path in record["written"]:
+        console.print(f"results: {path}")
+
+
+@app.command()
+def export(
+    source: str = typer.Argument(..., help="a run directory, a checkpoint directory, or a model"),
+    out: Path = typer.Argument(..., help="a new folder for the Hugging Face model"),
+    merge: bool = typer.Option(False, "--merge", help="a LoRA adapter merged into its base: one full model"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace what OUT holds"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config for a bare model's settings"),
+):
+    """A plain Hugging Face model (from_pretrained, vLLM) or a LoRA adapter whose base loads with it."""
+    from opd.export import export as export_model
+
+    try:
+        result = export_model(source, out, merge=merge, config=config, overwrite=overwrite)
+    except _user_errors() as err:
+        raise _fail(err)
+    what = {"merged": "the LoRA adapter merged into its base", "full": "the full model",
+            "adapter": f"the LoRA adapter (base: {result['base']})"}[result["kind"]]
+    console.print(f"exported {what} to {result['path']}")
 
 
 @app.command()

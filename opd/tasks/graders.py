@@ -201,6 +201,39 @@ def to_rational(text: str) -> Fraction | None:
 
 
 def math_equal(completion: str, answer: str) -> float:
+    """1 when math-verify (Hugging Face's verifier: symbolic, intervals, sets) finds the two equal,
+    or opd's own normaliser does (kept for what math-verify does not read the same way: a unit
+    like 50\\% against 50, \\text{east} against east); 0 otherwise. Without math-verify installed,
+    the normaliser alone."""
+    if verified(completion, answer):
+        return 1.0
+    return normalised_equal(completion, answer)
+
+
+def verified(completion: str, answer: str) -> bool:
+    """math-verify's verdict, gold first (it is not symmetric); False when it is not installed or
+    reads nothing on either side. A bare reference answer is read as LaTeX math ($...$)."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        return False
+    import logging
+    import threading
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call without a time limit
+    # its time limits use SIGALRM, which exists only in the main thread (evaluation may run elsewhere)
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    reference = answer if ("\\boxed" in answer or "$" in answer) else f"${answer}$"
+    gold = parse(reference, parsing_timeout=limit)
+    given = parse(completion, parsing_timeout=limit)
+    if not gold or not given:
+        return False
+    return bool(verify(gold, given, timeout_seconds=limit))
+
+
+def normalised_equal(completion: str, answer: str) -> float:
+    """opd's own comparison: the last \\boxed{} (or the final answer) normalised, as rationals
+    when both are numbers, else as strings."""
     given = last_boxed(completion)
     given = normalise_math(given if given is not None else final_answer(completion))
     reference = last_boxed(answer)
