@@ -434,7 +434,7 @@ def test_a_teacher_of_another_vocabulary_trains_in_cross_mode_and_is_refused_wit
 @pytest.mark.parametrize("override", ["loss.kind=reverse_kl", "loss.kind=forward_kl", "loss.kind=jsd",
                                       "teacher.top_k=5"])
 def test_full_distribution_losses_are_refused_across_tokenizers(tiny_config, override):
-    with pytest.raises(ConfigError, match="no common support"):
+    with pytest.raises(ConfigError, match="no common support|top-k log-probs come from a served teacher"):
         tiny_config("teacher.tokenizer_mode=cross", override)
 
 
