@@ -20,7 +20,6 @@ from opd.learner.learner import Learner, objective_of
 from opd.models import load_model, load_tokenizer, pick_device
 from opd.roles import Sampler, Teacher, check_output_sizes
 from opd.sampler import build_sampler
-from opd.sampler.hf import HFSampler
 from opd.tasks import is_graded
 from opd.teacher.hf import HFTeacher
 
@@ -114,5 +113,5 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
         raise
     if distributed.is_sharded(learner):  # FSDP2: the sampler gathers the sharded weights it reads
         sampler = distributed.GatheringSampler(sampler, learner)
-    teacher_sampler = HFSampler(teacher.model, tokenizer, cfg.sampling) if isinstance(teacher, HFTeacher) else None
+    teacher_sampler = teacher.as_sampler(cfg.sampling) if teacher is not None else None
     return Components(learner, sampler, teacher, tokenizer, data, teacher_sampler)

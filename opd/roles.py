@@ -83,6 +83,18 @@ class Teacher(Protocol):
     def take_metrics(self) -> dict:
         """Counters since the last call (time waiting, requests, retries, ...); {} when none."""
 
+    def verify(self, vocab_size: int) -> None:
+        """Refuse a teacher whose scores cannot be trusted for a student of `vocab_size` tokens (an
+        in-process head that does not reproduce its model's logits chunk by chunk); a no-op where
+        nothing can be checked locally (a served teacher checks every answer instead)."""
+
+    def as_sampler(self, sampling) -> Sampler | None:
+        """The teacher as a model that samples (`sampling`: a SamplingConfig), for its own accuracy on
+        the eval sets, the run's ceiling; None when it cannot sample (a served scorer)."""
+
+    def close(self) -> None:
+        """Release what the teacher holds (connections, threads); called once at the end of a run."""
+
 
 @runtime_checkable
 class Learner(Protocol):
