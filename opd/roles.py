@@ -39,6 +39,9 @@ class TeacherScores:
     # log-probs, B x T x k, both 0 outside the completion.
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
+    # Several teachers (opd.teacher.router): B bool, the rows a teacher scored; the others (reward-only
+    # prompts) carry the student's own log-probs (KL 0). None: every row.
+    rows: torch.Tensor | None = None
 
 
 class OutputSizeMismatchError(ConfigError):
