@@ -22,7 +22,6 @@ from opd.models import load_model, load_tokenizer, pick_device
 from opd.objectives import objective_of
 from opd.roles import Sampler, Teacher, check_output_sizes
 from opd.sampler import build_sampler
-from opd.sampler.hf import HFSampler
 from opd.same_model import warn_if_same_model
 from opd.tasks import check_record_graders, is_graded
 from opd.teacher.hf import HFTeacher
@@ -46,13 +45,10 @@ class Components:
                 self.teacher.close()
 
 
-def load_teacher(spec: ModelConfig, device: torch.device, student_tokenizer, chunk_size: int,
-                 micro_batch_size: int) -> Teacher:
-    """A served teacher (spec.url) or a Hugging Face model in process, checked to tokenize exactly
-    as the student does before its weights are loaded (teacher.tokenizer_mode=cross: any tokenizer,
-    behind the byte-chunk alignment of opd.teacher.cross)."""
-    if spec.tokenizer_mode == "cross":
-        return load_cross_teacher(spec, device, student_tokenizer, chunk_size, micro_batch_size)
+def checked_teacher(spec: ModelConfig, student_tokenizer, micro_batch_size: int):
+    """The first half of loading a teacher, before any weights: a served teacher connected and its
+    tokenizer compared with the student's (the RemoteTeacher itself), or a local one's tokenizer
+    compared (that tokenizer, for `loaded_teacher`)."""
     if spec.url is not None:
         from opd.teacher.remote import RemoteTeacher
 
@@ -67,9 +63,17 @@ def load_teacher(spec: ModelConfig, device: torch.device, student_tokenizer, chu
 
     teacher_tokenizer = load_tokenizer(spec)
     check_tokenizers_match(student_tokenizer, teacher_tokenizer)
-    model, tokenizer = load_model(spec, device, teacher_tokenizer)
+    return teacher_tokenizer
+
+
+def loaded_teacher(spec: ModelConfig, checked, device: torch.device, vocab_size: int, chunk_size: int,
+                   micro_batch_size: int) -> Teacher:
+    """The second half: a local teacher's weights loaded (and its head verified)."""
+    if spec.url is not None:
+        return checked
+    model, tokenizer = load_model(spec, device, checked)
     teacher = HFTeacher(model, tokenizer, chunk_size, micro_batch_size)
-    teacher.verify(len(student_tokenizer))
+    teacher.verify(vocab_size)
     return teacher
 
 
@@ -99,6 +103,64 @@ def load_cross_teacher(spec: ModelConfig, device: torch.device, student_tokenize
     return CrossTokenizerTeacher(inner, teacher_tokenizer, student_tokenizer, spec.max_chunk_tokens)
 
 
+def load_teacher(spec: ModelConfig, device: torch.device, student_tokenizer, chunk_size: int,
+                 micro_batch_size: int) -> Teacher:
+    """A served teacher (spec.url) or a Hugging Face model in process, checked to tokenize exactly
+    as the student does before its weights are loaded (tokenizer_mode=cross: any tokenizer, behind
+    the byte-chunk alignment of opd.teacher.cross)."""
+    if spec.tokenizer_mode == "cross":
+        return load_cross_teacher(spec, device, student_tokenizer, chunk_size, micro_batch_size)
+    checked = checked_teacher(spec, student_tokenizer, micro_batch_size)
+    return loaded_teacher(spec, checked, device, len(student_tokenizer), chunk_size, micro_batch_size)
+
+
+def load_teachers(cfg: RunConfig, device: torch.device, student_tokenizer) -> Teacher | None:
+    """The run's teacher: none, the one `teacher`, or (`teachers`, data.sources) a RoutingTeacher over
+    the named ones. Every tokenizer is checked (each error naming its teacher) before any weights load."""
+    specs = cfg.teacher_specs
+    if not specs:
+        return None
+    micro, chunk = cfg.train.micro_batch_size, cfg.loss.chunk_size
+    if not cfg.routed:
+        return load_teacher(cfg.teacher, device, student_tokenizer, chunk, micro)
+    from opd.teacher.router import RoutingTeacher
+    from opd.tokenizer_check import TokenizerMismatchError
+
+    checked, loaded = {}, {}
+    try:
+        for name, spec in specs.items():
+            if spec.tokenizer_mode == "cross":  # any tokenizer aligns; nothing to refuse
+                continue
+            try:
+                checked[name] = checked_teacher(spec, student_tokenizer, micro)
+            except TokenizerMismatchError as err:
+                raise type(err)(f"teachers.{name}: {err}") from None
+        for name, spec in specs.items():
+            if spec.tokenizer_mode == "cross":
+                loaded[name] = load_cross_teacher(spec, device, student_tokenizer, chunk, micro)
+            else:
+                loaded[name] = loaded_teacher(spec, checked[name], device, len(student_tokenizer), chunk, micro)
+    except BaseException:
+        for teacher in {**checked, **loaded}.values():
+            if hasattr(teacher, "score"):  # a served teacher holds connections
+                teacher.close()
+        raise
+    return RoutingTeacher(loaded)
+
+
+def check_every_output_size(learner: Learner, teacher: Teacher | None, exact: bool) -> None:
+    """Exact losses need every routed teacher's head to be the student's size (each one named)."""
+    members = getattr(teacher, "teachers", None)  # a RoutingTeacher's named teachers
+    if members is None:
+        check_output_sizes(learner, teacher, needs_full_distribution=exact)
+        return
+    for name, member in members.items():
+        try:
+            check_output_sizes(learner, member, needs_full_distribution=exact)
+        except ConfigError as err:
+            raise type(err)(f"teachers.{name}: {err}") from None
+
+
 def build(cfg: RunConfig, console: Console | None = None) -> Components:
     """Check the tokenizers, load the models, read or generate the data."""
     if cfg.sampling.backend == "vllm" and cfg.sampling.url is None:
@@ -111,26 +173,23 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
         require_harness()  # likewise
     device = pick_device(cfg.train.device)
     student_tokenizer = load_tokenizer(cfg.student)
-    teacher = None
-    if cfg.teacher is not None:
-        teacher = load_teacher(cfg.teacher, device, student_tokenizer, cfg.loss.chunk_size,
-                               cfg.train.micro_batch_size)
+    data = load_data(cfg, student_tokenizer)  # a bad record (or its teacher's name) is refused before any loading
+    check_record_graders(p.record for prompts in (data.train_prompts, *data.eval_sets.values()) for p in prompts)
+    if cfg.method == "rl":
+        ungraded = [p for p in data.train_prompts if not is_graded(p.record, cfg.data.grader)]
+        if ungraded:
+            raise ConfigError(f"method=rl needs a reward for every prompt, and {len(ungraded)} of "
+                              f"{len(data.train_prompts)} have no grader (e.g. {ungraded[0].text[:60]!r}): set "
+                              f"task.name, data.grader, or a `grader` field in each record")
+    teacher = load_teachers(cfg, device, student_tokenizer)
     try:
         student, tokenizer = load_model(cfg.student, device, student_tokenizer)
         learner = Learner(student, cfg.optim, cfg.loss, cfg.train.steps, cfg.train.micro_batch_size,
                           objective_of(cfg.loss, cfg.on_policy), cfg.train.compute_dtype)
         learner.verify(len(tokenizer))
-        warn_if_same_model(cfg, student, teacher.model if isinstance(teacher, HFTeacher) else None, len(tokenizer))
-        check_output_sizes(learner, teacher, needs_full_distribution=learner.exact)  # exact losses: refused here
-        data = load_data(cfg, tokenizer)
-        check_record_graders(p.record for prompts in (data.train_prompts, *data.eval_sets.values()) for p in prompts)
+        warn_if_same_model(cfg, student, getattr(teacher, "model", None), len(tokenizer))  # an in-process teacher's
+        check_every_output_size(learner, teacher, learner.exact)  # exact losses: refused here
         check_context(cfg, data, student, teacher)
-        if cfg.method == "rl":
-            ungraded = [p for p in data.train_prompts if not is_graded(p.record, cfg.data.grader)]
-            if ungraded:
-                raise ConfigError(f"method=rl needs a reward for every prompt, and {len(ungraded)} of "
-                                  f"{len(data.train_prompts)} have no grader (e.g. {ungraded[0].text[:60]!r}): set "
-                                  f"task.name, data.grader, or a `grader` field in each record")
     except BaseException:
         if teacher is not None:
             teacher.close()
@@ -153,5 +212,5 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
         raise
     if distributed.is_sharded(learner):  # FSDP2: the sampler gathers the sharded weights it reads
         sampler = distributed.GatheringSampler(sampler, learner)
-    teacher_sampler = HFSampler(teacher.model, tokenizer, cfg.sampling) if isinstance(teacher, HFTeacher) else None
+    teacher_sampler = teacher.as_sampler(cfg.sampling) if teacher is not None else None
     return Components(learner, sampler, teacher, tokenizer, data, teacher_sampler)

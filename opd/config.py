@@ -7,6 +7,7 @@ setting that is silently ignored.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,6 +112,35 @@ class ModelConfig(Section):
         return [] if self.url is None else [self.url] if isinstance(self.url, str) else list(self.url)
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # teacher and source names appear in metric keys (teacher_kl/<name>)
+NO_TEACHER = "none"  # a source's `teacher: none`: its prompts are rewarded only (method=rl), never scored
+
+
+class SourceConfig(Section):
+    """One source of prompts in `data.sources`: a file or a built-in task, routed to a teacher and
+    mixed into every step's batch by `weight`."""
+
+    prompts: str | None = None  # a prompt file, as data.prompts
+    task: Literal["arithmetic", "knowledge", "instruction"] | None = None  # or a built-in task (task.* settings)
+    name: str | None = Field(None, pattern=NAME_PATTERN)  # metric keys eval/<name>/...; default: task or file stem
+    # A name in `teachers`. None: the only teacher (with several: an error, unless the source is
+    # reward-only under method=rl); `none`: reward only.
+    teacher: str | None = None
+    weight: float = Field(1.0, gt=0)  # share of each batch, relative to the other sources' weights
+    grader: str | None = None  # for records that name none themselves (default: data.grader)
+    eval_prompts: str | None = None  # None: the task's eval split, else data.eval_holdout prompts held out
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "SourceConfig":
+        if (self.prompts is None) == (self.task is None):
+            raise ValueError("give exactly one of `prompts` (a file) or `task` (a built-in task)")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.task or Path(self.prompts).stem
+
+
 class DataConfig(Section):
     # distill / rl: prompts to sample from. JSONL / Parquet / any `datasets`-loadable local file;
     # None: the task's generated prompts (task.name), else the built-in demo prompts.
@@ -131,6 +161,11 @@ class DataConfig(Section):
     chat: str | None = None  # midtrain: chat examples mixed in (as for `completions`); None: none
     chat_ratio: float = Field(0.0, ge=0, le=1)  # midtrain: fraction of each batch's rows taken from `chat`
     max_seq_tokens: int = Field(512, ge=8)  # sft/midtrain: longer examples are cut; documents are packed to this length
+    # distill / rl with several teachers: prompt sources, each routed to its teacher and mixed by weight
+    # (instead of data.prompts / task.name).
+    sources: list[SourceConfig] = Field(default_factory=list)
+    # A record field that names the record's teacher (overrides its source's teacher); None: not read.
+    teacher_field: str | None = None
 
 
 class ArithmeticTaskConfig(Section):
@@ -329,6 +364,9 @@ class RunConfig(Section):
     run_dir: str = "runs/default"
     student: ModelConfig
     teacher: ModelConfig | None = None  # required for distill; optional for rl (KL term) and sft/midtrain (eval KL)
+    # Several teachers by name (instead of `teacher`), each exactly a teacher block; data.sources
+    # (or data.teacher_field) route every prompt to one of them.
+    teachers: dict[str, ModelConfig] = Field(default_factory=dict)
     task: TaskConfig = Field(default_factory=TaskConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -344,31 +382,8 @@ class RunConfig(Section):
     def _consistent(self) -> "RunConfig":
         if self.student.url is not None:
             raise ValueError("student.url: the student is trained here; give its `path` or `tiny`")
-        if self.loss.kind == "topk_forward_kl" and (self.teacher is None or self.teacher.top_k == 0):
-            raise ValueError("loss.kind=topk_forward_kl needs the teacher's top-k log-probs: set teacher.top_k > 0")
-        if self.teacher is not None and self.teacher.url is None and self.teacher.top_k:
-            raise ValueError("teacher.top_k: top-k log-probs come from a served teacher (teacher.url); an in-process "
-                             "teacher has the full distribution: use loss.kind=forward_kl (exact) instead of "
-                             "topk_forward_kl")
-        if self.loss.kind in ("reverse_kl", "forward_kl", "jsd") and self.teacher is not None \
-                and self.teacher.url is not None:
-            raise ValueError(f"loss.kind={self.loss.kind} compares full distributions, which a served teacher does "
-                             f"not return: use sampled_reverse_kl, or topk_forward_kl with teacher.top_k")
-        if self.student.tokenizer_mode != "same":
-            raise ValueError("student.tokenizer_mode: the mode is the teacher's (teacher.tokenizer_mode=cross)")
-        if self.teacher is not None and self.teacher.tokenizer_mode == "cross":
-            if self.loss.kind != "sampled_reverse_kl" or self.teacher.top_k:
-                kind = self.loss.kind if self.loss.kind != "sampled_reverse_kl" else "teacher.top_k"
-                raise ValueError(f"{kind} compares the two models' distributions token by token, and across "
-                                 f"tokenizers (teacher.tokenizer_mode=cross) the vocabularies have no common support: "
-                                 f"use loss.kind=sampled_reverse_kl and teacher.top_k=0")
-            if self.teacher.url is not None and self.teacher.tokenizer is None:
-                raise ValueError("teacher.tokenizer_mode=cross with a served teacher needs teacher.tokenizer (a local "
-                                 "directory with the teacher's tokenizer), to tokenize the completions as it does")
-        if self.teacher is not None and self.teacher.lora is not None:
-            raise ValueError("teacher.lora: the teacher is fixed; LoRA applies to the student only")
-        if self.method == "distill" and self.teacher is None:
-            raise ValueError("method=distill needs a `teacher` (a model to distil from)")
+        self._check_teachers()
+        self._check_sources()
         if self.method == "rl" and self.loss.kind != "sampled_reverse_kl":
             raise ValueError(f"loss.kind={self.loss.kind}: rl trains with the sampled policy gradient; the teacher "
                              f"KL term (teacher + loss.kl_coef) is the sampled estimate")
@@ -393,6 +408,81 @@ class RunConfig(Section):
             raise ValueError(f"task.name={self.task.name} generates the prompts, and data.prompts gives a file: "
                              f"choose one")
         return self
+
+    def _check_teachers(self) -> None:
+        """Every teacher can give what loss.kind needs (each named in the message)."""
+        if self.teacher is not None and self.teachers:
+            raise ValueError("give `teacher` (one) or `teachers` (several, by name), not both")
+        for name in self.teachers:
+            if name == NO_TEACHER or not re.match(NAME_PATTERN, name):
+                raise ValueError(f"teachers.{name}: a teacher's name is letters, digits, '_', '.' or '-' (and not "
+                                 f"{NO_TEACHER!r}, which marks a reward-only source)")
+        for key, spec in self.teacher_specs.items():
+            where = "teacher" if self.teacher is not None else f"teachers.{key}"
+            if self.loss.kind == "topk_forward_kl" and spec.top_k == 0:
+                raise ValueError(f"loss.kind=topk_forward_kl needs every teacher's top-k log-probs: set {where}.top_k > 0")
+            if self.loss.kind in ("reverse_kl", "forward_kl", "jsd") and spec.url is not None:
+                raise ValueError(f"loss.kind={self.loss.kind} compares full distributions, which a served teacher "
+                                 f"({where}) does not return: use sampled_reverse_kl, or topk_forward_kl with "
+                                 f"{where}.top_k")
+            if spec.url is None and spec.top_k:
+                raise ValueError(f"{where}.top_k: top-k log-probs come from a served teacher ({where}.url); an "
+                                 f"in-process teacher has the full distribution: use loss.kind=forward_kl (exact) "
+                                 f"instead of topk_forward_kl")
+            if spec.tokenizer_mode == "cross":
+                if self.loss.kind != "sampled_reverse_kl" or spec.top_k:
+                    kind = self.loss.kind if self.loss.kind != "sampled_reverse_kl" else f"{where}.top_k"
+                    raise ValueError(f"{kind} compares the two models' distributions token by token, and across "
+                                     f"tokenizers ({where}.tokenizer_mode=cross) the vocabularies have no common "
+                                     f"support: use loss.kind=sampled_reverse_kl and {where}.top_k=0")
+                if spec.url is not None and spec.tokenizer is None:
+                    raise ValueError(f"{where}.tokenizer_mode=cross with a served teacher needs {where}.tokenizer (a "
+                                     f"local directory with the teacher's tokenizer), to tokenize the completions as "
+                                     f"it does")
+            if spec.lora is not None:
+                raise ValueError(f"{where}.lora: the teacher is fixed; LoRA applies to the student only")
+        if self.student.tokenizer_mode != "same":
+            raise ValueError("student.tokenizer_mode: the mode is the teacher's (teacher.tokenizer_mode=cross)")
+        if self.method == "distill" and not self.teacher_specs:
+            raise ValueError("method=distill needs a `teacher` (a model to distil from)")
+
+    def _check_sources(self) -> None:
+        """data.sources name existing teachers; a source has a teacher unless it is reward-only (rl)."""
+        sources = self.data.sources
+        if not sources:
+            return
+        if self.data.prompts is not None or self.task.name != "none":
+            raise ValueError("data.sources gives the prompts: move data.prompts / task.name into a source "
+                             "({prompts: FILE} or {task: NAME})")
+        if not self.on_policy:
+            raise ValueError(f"data.sources: prompts to sample from apply to distill and rl, not method={self.method}")
+        labels = [source.label for source in sources]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"data.sources: two sources are named alike ({', '.join(labels)}); give each a `name`")
+        names = list(self.teacher_specs)
+        for i, source in enumerate(sources):
+            where = f"data.sources[{i}] ({source.label})"
+            if source.teacher == NO_TEACHER:
+                if self.method != "rl":
+                    raise ValueError(f"{where}: teacher: none (reward only) needs method=rl; {self.method} has no "
+                                     f"reward to learn from")
+            elif source.teacher is not None and source.teacher not in names:
+                known = ", ".join(names) if self.teachers else "none (set `teachers: {name: ...}`)"
+                raise ValueError(f"{where}: teacher {source.teacher!r} is not one of the teachers: {known}")
+            elif source.teacher is None and len(names) > 1 and self.data.teacher_field is None \
+                    and self.method != "rl":
+                raise ValueError(f"{where}: no teacher, and there are several ({', '.join(names)}): set its "
+                                 f"`teacher`")
+
+    @property
+    def teacher_specs(self) -> dict[str, ModelConfig]:
+        """The run's teachers by name (`teacher` alone is named "teacher")."""
+        return dict(self.teachers) if self.teachers else {"teacher": self.teacher} if self.teacher else {}
+
+    @property
+    def routed(self) -> bool:
+        """Whether prompts are routed to teachers by name (`teachers`, data.sources)."""
+        return bool(self.teachers or self.data.sources)
 
     @property
     def on_policy(self) -> bool:

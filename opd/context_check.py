@@ -42,10 +42,13 @@ def check_context(cfg: RunConfig, data, student_model, teacher) -> None:
     """ConfigError naming the limit when the longest sequence does not fit a model's context."""
     tokens, what = longest_sequence(cfg, data)
     limits = [("the student", model_positions(student_model), "max_position_embeddings")]
-    if teacher is not None:
-        served = getattr(teacher, "max_model_len", None)
-        limits.append(("the teacher server", served, "max_model_len") if served is not None else
-                      ("the teacher", model_positions(getattr(teacher, "model", None)), "max_position_embeddings"))
+    # A routing teacher's members each have their own limit (checked under their names).
+    members = getattr(teacher, "teachers", None) or ({"teacher": teacher} if teacher is not None else {})
+    for key, member in members.items():
+        who = "the teacher" if key == "teacher" else f"teacher {key!r}"
+        served = getattr(member, "max_model_len", None)
+        limits.append((f"{who} server", served, "max_model_len") if served is not None else
+                      (who, model_positions(getattr(member, "model", None)), "max_position_embeddings"))
     for who, limit, name in limits:
         if limit is not None and tokens > limit:
             raise ConfigError(f"{what} is {tokens} tokens, more than {who}'s {name}={limit}: lower "

@@ -12,10 +12,10 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from opd.components import load_teacher
 from opd.config import ConfigError, load_config
 from opd.data import encode_prompts
-from opd.data.sources import load_data, task_records
+from opd.components import load_teachers
+from opd.data.sources import load_data, task_records, task_teacher
 from opd.evaluation import evaluate_prompts
 from opd.hardware import set_threads
 from opd.learner.checkpoint import has_trainer_state, latest_checkpoint
@@ -72,9 +72,8 @@ def evaluate_config(cfg, weights: Path | None, tasks: list[str], label: str, con
     device = pick_device(cfg.train.device)
     student_tokenizer = load_tokenizer(cfg.student)
     teacher = None
-    if cfg.teacher is not None and not cfg.eval.greedy:  # teacher KL needs the student's own samples
-        teacher = load_teacher(cfg.teacher, device, student_tokenizer, cfg.loss.chunk_size,
-                               cfg.train.micro_batch_size)
+    if cfg.teacher_specs and not cfg.eval.greedy:  # teacher KL needs the student's own samples
+        teacher = load_teachers(cfg, device, student_tokenizer)  # several: each prompt scored by its own
     student, tokenizer = load_model(cfg.student, device, student_tokenizer)
     learner = Learner(student, cfg.optim, cfg.loss, 1, cfg.train.micro_batch_size)  # measures exact KL; never steps
     if weights is not None:
@@ -86,8 +85,8 @@ def evaluate_config(cfg, weights: Path | None, tasks: list[str], label: str, con
         if unknown:
             raise ConfigError(f"--task {unknown[0]}: unknown task (known: {', '.join(known)})")
         sets = {t: encode_prompts(task_records(cfg, "eval", t), tokenizer, cfg.data.max_prompt_tokens,
-                                  cfg.data.overlong)[0] for t in tasks}
-    elif weights is not None or cfg.task.name != "none" or cfg.data.eval_prompts is not None:
+                                  cfg.data.overlong, lambda w, r, name=task_teacher(cfg, t): name)[0] for t in tasks}
+    elif weights is not None or cfg.task.name != "none" or cfg.data.eval_prompts is not None or cfg.data.sources:
         sets = {name or (cfg.task.name if cfg.task.name != "none" else "eval"): prompts
                 for name, prompts in load_data(cfg, tokenizer).eval_sets.items()}
     else:

@@ -105,7 +105,10 @@ def rollout_records(rollouts: Rollouts, scores: TeacherScores | None, tokenizer,
     return records
 
 
-def rollout_metrics(rollouts: Rollouts, teacher_logprobs: torch.Tensor | None) -> dict:
+def rollout_metrics(rollouts: Rollouts, teacher_logprobs: torch.Tensor | None,
+                    scored_rows: torch.Tensor | None = None) -> dict:
+    """Lengths, truncation, entropy and the mean teacher KL (over `scored_rows` only when given: the
+    rows a teacher scored)."""
     mask = rollouts.completion_mask
     tokens = float(mask.sum())
     metrics = {
@@ -115,8 +118,13 @@ def rollout_metrics(rollouts: Rollouts, teacher_logprobs: torch.Tensor | None) -
     }
     if rollouts.entropy is not None:  # an inference engine returns the sampled tokens' log-probs only
         metrics["entropy"] = float(rollouts.entropy.sum()) / max(tokens, 1.0)
+    if scored_rows is not None and not bool(scored_rows.any()):
+        teacher_logprobs = None  # no row had a teacher: there is no teacher KL to report
     if teacher_logprobs is not None:  # mean per-token reverse-KL estimate
-        metrics["teacher_kl"] = float(teacher_kl(rollouts.behaviour_logprobs, teacher_logprobs, mask).sum()) / max(tokens, 1.0)
+        if scored_rows is not None:
+            mask = mask * scored_rows[:, None].to(mask.dtype)
+        metrics["teacher_kl"] = float(teacher_kl(rollouts.behaviour_logprobs, teacher_logprobs, mask).sum()) / \
+            max(float(mask.sum()), 1.0)
     return metrics
 
 
@@ -141,9 +149,10 @@ def evaluate_prompts(prompts: list, sampler: Sampler, cfg: EvalConfig, max_new_t
              and check_output_sizes(learner, teacher, needs_full_distribution=False))
     if teacher is not None and not cfg.greedy:
         scores = teacher.score(rollouts, keep_hidden=teacher.full_distribution)
-    metrics = rollout_metrics(rollouts, scores.logprobs if scores is not None else None)
+    metrics = rollout_metrics(rollouts, scores.logprobs if scores is not None else None,
+                              scores.rows if scores is not None else None)
     metrics.pop("tokens")
-    if scores is not None and exact:
+    if scores is not None and exact and scores.hidden is not None:
         metrics["exact_kl"] = learner.divergence(rollouts, scores, "reverse_kl")
     if scores is not None and scores.hidden is not None:
         metrics["teacher_entropy"] = teacher_entropy(rollouts, scores)

@@ -38,7 +38,6 @@ from opd.advantages import compute_advantages
 from opd.collapse import CollapseWatch
 from opd.components import Components, build
 from opd.config import ConfigError, RunConfig
-from opd.data import PromptSchedule
 from opd.evaluation import (evaluate_prompts, grade_rollouts, reward_metrics, rewards_of, rollout_metrics,
                             rollout_records, teacher_ceiling)
 from opd.flops import sampling_flops, scoring_flops, training_flops
@@ -182,7 +181,7 @@ class StudentBatches:
     policy that sampled it. A batch sampled ahead is part of the checkpoint, so resume is exact.
     """
 
-    def __init__(self, cfg: RunConfig, components: Components, schedule: PromptSchedule):
+    def __init__(self, cfg: RunConfig, components: Components, schedule):
         self.cfg, self.components, self.schedule = cfg, components, schedule
         self.ahead: tuple[int, Future | Rollouts] | None = None  # (step, its batch or the sampling of it)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="opd-sample") if cfg.train.max_staleness else None
@@ -407,8 +406,8 @@ def _train(cfg: RunConfig, components: Components, checkpoint: Path | None, stat
 
     harness = HarnessDuringTraining(cfg)
 
-    batches = StudentBatches(cfg, components, PromptSchedule(len(data.train_prompts), cfg.train.prompts_per_step,
-                                                             cfg.train.seed)) if cfg.on_policy else None
+    batches = StudentBatches(cfg, components, data.prompt_schedule(cfg.train.prompts_per_step,
+                                                                   cfg.train.seed)) if cfg.on_policy else None
     if batches is not None and state is not None:
         batches.restore(state.get("batch_ahead"))
     evals = log.logged_evals() if checkpoint is not None else []

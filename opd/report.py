@@ -169,7 +169,10 @@ def build_report(run_dir: str | Path, rollouts_shown: int = 4) -> Path:
     if _plot(run_dir / "accuracy_vs_flops.png", "held-out accuracy vs training FLOPs", "FLOPs (student + teacher)",
              "accuracy", {k: _curve(rows, "flops_total", k) for k in accuracy_keys}, ceilings):
         figures.append("accuracy_vs_flops.png")
-    kl_curves = {k: _curve(rows, "step", k) for k in ("teacher_kl", "eval/teacher_kl", "eval/exact_kl")
+    # several teachers: each one's KL on its own rows (teacher_kl/<name>) and each source's eval KL
+    routed = sorted({k for r in rows for k in r if k.startswith("teacher_kl/")
+                     or (k.startswith("eval/") and k.endswith("/teacher_kl"))})
+    kl_curves = {k: _curve(rows, "step", k) for k in ("teacher_kl", "eval/teacher_kl", "eval/exact_kl", *routed)
                  if any(k in r for r in rows)}
     if _plot(run_dir / "teacher_kl_vs_step.png", "teacher KL vs step", "step", "nats per token", kl_curves):
         figures.append("teacher_kl_vs_step.png")

@@ -44,6 +44,9 @@ class TeacherScores:
     # log-prob shared evenly over its student tokens (and the student's own log-prob where a chunk
     # carries no signal), so per-token means keep their meaning.
     chunks: "Chunks | None" = None
+    # Several teachers (opd.teacher.router): B bool, the rows a teacher scored; the others (reward-only
+    # prompts) carry the student's own log-probs (KL 0). None: every row.
+    rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -96,6 +99,18 @@ class Teacher(Protocol):
 
     def take_metrics(self) -> dict:
         """Counters since the last call (time waiting, requests, retries, ...); {} when none."""
+
+    def verify(self, vocab_size: int) -> None:
+        """Refuse a teacher whose scores cannot be trusted for a student of `vocab_size` tokens (an
+        in-process head that does not reproduce its model's logits chunk by chunk); a no-op where
+        nothing can be checked locally (a served teacher checks every answer instead)."""
+
+    def as_sampler(self, sampling) -> Sampler | None:
+        """The teacher as a model that samples (`sampling`: a SamplingConfig), for its own accuracy on
+        the eval sets, the run's ceiling; None when it cannot sample (a served scorer)."""
+
+    def close(self) -> None:
+        """Release what the teacher holds (connections, threads); called once at the end of a run."""
 
 
 @runtime_checkable

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from helpers import sampler, tiny
-from opd.config import LossConfig, ModelConfig, OptimConfig
+from opd.config import LossConfig, ModelConfig, OptimConfig, SamplingConfig
 from opd.learner.learner import Learner
 from opd.roles import Learner as LearnerContract, Sampler as SamplerContract, Teacher as TeacherContract
 from opd.roles import check_output_sizes
@@ -21,13 +21,22 @@ def test_every_implementation_states_its_contract():
     model, tok = tiny()
     assert isinstance(sampler(model, tok), SamplerContract)
     assert isinstance(Learner(model, OptimConfig(), LossConfig(), 1, 1), LearnerContract)
-    assert isinstance(HFTeacher(tiny()[0], tok), TeacherContract)
+    in_process = HFTeacher(tiny()[0], tok)
+    assert isinstance(in_process, TeacherContract)
+    assert isinstance(in_process.as_sampler(SamplingConfig()), SamplerContract)  # it can sample: the ceiling
     served = RemoteTeacher(ModelConfig(url="http://127.0.0.1:9"), check=False)  # nothing contacted
     try:
         assert isinstance(served, TeacherContract)
         assert not served.full_distribution and served.output_size is None and served.cost is None
+        assert served.as_sampler(SamplingConfig()) is None  # a scorer only
+        served.verify(100)  # nothing to check locally
     finally:
         served.close()
+
+
+def test_components_reach_the_teacher_through_its_contract():
+    """components.build asks the teacher for a sampler instead of testing its class."""
+    assert "isinstance" not in (OPD / "components.py").read_text()
 
 
 def attributes_used(path: Path) -> set[str]:

@@ -21,6 +21,10 @@ class Prompt:
     ids: list[int]
     text: str  # the prompt as the model sees it (template applied)
     record: dict = field(default_factory=dict)  # the original record: reference answers etc. for graders
+    # Several teachers: the name of the teacher that scores this prompt's samples (None: none, reward
+    # only) and of the source it came from (data.sources).
+    teacher: str | None = None
+    source: str | None = None
 
 
 def read_text(path: str | Path) -> str:
@@ -101,11 +105,13 @@ def encode_prompt(where: str, record, tokenizer) -> list[int]:
 
 
 def encode_prompts(records: list[tuple[str, dict]], tokenizer, max_tokens: int,
-                   overlong: str = "skip") -> tuple[list[Prompt], int]:
+                   overlong: str = "skip", route=None, source: str | None = None) -> tuple[list[Prompt], int]:
     """Prompts and the number skipped for being longer than `max_tokens` (overlong='skip');
-    overlong='truncate' keeps the last `max_tokens` tokens, next to where the answer starts."""
+    overlong='truncate' keeps the last `max_tokens` tokens, next to where the answer starts.
+    `route(where, record)`: the name of the record's teacher (raising PromptDataError for none)."""
     prompts, skipped = [], 0
     for where, record in records:
+        teacher = route(where, record) if route is not None else None
         ids = encode_prompt(where, record, tokenizer)
         if not ids:
             raise PromptDataError(f"{where}: the prompt is empty (no tokens)")
@@ -114,7 +120,7 @@ def encode_prompts(records: list[tuple[str, dict]], tokenizer, max_tokens: int,
                 skipped += 1
                 continue
             ids = ids[-max_tokens:]
-        prompts.append(Prompt(ids=ids, text=tokenizer.decode(ids), record=record))
+        prompts.append(Prompt(ids=ids, text=tokenizer.decode(ids), record=record, teacher=teacher, source=source))
     return prompts, skipped
 
 
@@ -133,6 +139,40 @@ class PromptSchedule:
     def indices(self, step: int) -> list[int]:
         positions = range(step * self.per_step, (step + 1) * self.per_step)
         return [int(self._permutation(p // self.num_prompts)[p % self.num_prompts]) for p in positions]
+
+
+class MixedSchedule:
+    """Batches that mix several prompt sources (data.sources) by weight. Slot k of the run (step *
+    per_step + j) goes to the source furthest behind its share (largest w_i * (k + 1) - taken_i,
+    ties to the earlier source), so every prefix of the run follows the weights to within one
+    prompt per source, and a step's mix is as even as its size allows; within a source, prompts
+    come in its own PromptSchedule order. `indices` index the sources' prompts concatenated in
+    order. A batch depends only on the step (exact resume)."""
+
+    def __init__(self, sizes: list[int], weights: list[float], per_step: int, seed: int):
+        self.shares = [w / sum(weights) for w in weights]
+        self.offsets = np.cumsum([0] + sizes[:-1]).tolist()
+        self.per_step = per_step
+        self.schedules = [PromptSchedule(n, 1, seed + i) for i, n in enumerate(sizes)]
+        self._slots: list[tuple[int, int]] = []  # (source, how many of its prompts came before), per slot
+        self._taken = [0] * len(sizes)
+
+    def _extend(self, slots: int) -> None:
+        while len(self._slots) < slots:
+            k = len(self._slots) + 1
+            source = max(range(len(self.shares)), key=lambda i: (self.shares[i] * k - self._taken[i], -i))
+            self._slots.append((source, self._taken[source]))
+            self._taken[source] += 1
+
+    def sources(self, step: int) -> list[int]:
+        """The source of each prompt of the step's batch."""
+        self._extend((step + 1) * self.per_step)
+        return [source for source, _ in self._slots[step * self.per_step:(step + 1) * self.per_step]]
+
+    def indices(self, step: int) -> list[int]:
+        self._extend((step + 1) * self.per_step)
+        return [self.offsets[source] + self.schedules[source].indices(ordinal)[0]
+                for source, ordinal in self._slots[step * self.per_step:(step + 1) * self.per_step]]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from opd.config import ConfigError, RunConfig
-from opd.data import (Prompt, PromptDataError, SequenceBatches, SequencePool, encode_examples, encode_prompts,
-                      pack_documents, read_documents, read_records)
+from opd.config import NO_TEACHER, ConfigError, RunConfig, SourceConfig
+from opd.data import (MixedSchedule, Prompt, PromptDataError, PromptSchedule, SequenceBatches, SequencePool,
+                      encode_examples, encode_prompts, pack_documents, read_documents, read_records)
 from opd.tasks import documents as task_documents, make_records
 
 
@@ -23,6 +23,14 @@ class RunData:
     batches: SequenceBatches | None = None  # sft / midtrain: fixed sequences
     eval_sets: dict[str, list[Prompt]] = field(default_factory=dict)  # "": the run's own; else eval.tasks
     skipped: int = 0  # prompts or examples skipped for length
+    # data.sources: (number of prompts, weight) of each source, whose prompts lie in train_prompts in order
+    mix: list[tuple[int, float]] | None = None
+
+    def prompt_schedule(self, per_step: int, seed: int) -> PromptSchedule | MixedSchedule:
+        """Which prompts each step samples from: one shuffled list, or the sources mixed by weight."""
+        if self.mix is None:
+            return PromptSchedule(len(self.train_prompts), per_step, seed)
+        return MixedSchedule([n for n, _ in self.mix], [w for _, w in self.mix], per_step, seed)
 
 
 def task_records(cfg: RunConfig, split: str, name: str | None = None) -> list[tuple[str, dict]]:
@@ -53,11 +61,89 @@ def prompt_records(cfg: RunConfig, split: str = "train") -> list[tuple[str, dict
             for i, text in enumerate(demo_prompts())]
 
 
+def router(cfg: RunConfig, source_teacher: str | None = None):
+    """route(where, record) -> the name of the teacher that scores the record's samples, or None (no
+    teacher: reward only). A record's own `data.teacher_field` wins over its source's teacher; a
+    record left without one when several teachers exist is a PromptDataError naming it."""
+    names = list(cfg.teacher_specs)
+    field_name = cfg.data.teacher_field
+
+    def route(where: str, record) -> str | None:
+        named = record.get(field_name) if field_name and isinstance(record, dict) else None
+        if named is not None:
+            if named == NO_TEACHER and cfg.method == "rl":
+                return None
+            if named not in names:
+                raise PromptDataError(f"{where}: {field_name}={named!r} names no teacher; the teachers are "
+                                      f"{', '.join(names) or 'none'}")
+            return named
+        if source_teacher == NO_TEACHER or not names:
+            return None
+        if source_teacher is not None:
+            return source_teacher
+        if len(names) == 1:
+            return names[0]
+        if cfg.method == "rl":
+            return None  # reward only
+        hint = f" or the record's `{field_name}` field" if field_name else " (or data.teacher_field)"
+        raise PromptDataError(f"{where}: no teacher for this prompt among {', '.join(names)}: set its source's "
+                              f"`teacher`{hint}")
+
+    return route
+
+
+def source_records(cfg: RunConfig, source: SourceConfig, split: str) -> list[tuple[str, dict]] | None:
+    """A source's records (None: no eval file or task, so its eval prompts are held out), each
+    given the source's grader when it names none itself."""
+    path = source.prompts if split == "train" else source.eval_prompts
+    if path is not None:
+        records = read_records(path)
+    elif source.task is not None:
+        records = task_records(cfg, split, source.task)
+    else:
+        return None
+    if source.grader is None:
+        return records
+    return [(where, {**r, "grader": source.grader} if isinstance(r, dict) and not r.get("grader") else r)
+            for where, r in records]
+
+
+def load_sources(cfg: RunConfig, data: RunData, prompts_of) -> None:
+    """data.sources: every source's train prompts (concatenated in order, mixed by weight) and its
+    own eval set, eval/<source>/..."""
+    data.mix = []
+    for source in cfg.data.sources:
+        route = router(cfg, source.teacher)
+        prompts = prompts_of(source_records(cfg, source, "train"), route, source.label)
+        eval_records = source_records(cfg, source, "eval")
+        if eval_records is None:
+            prompts, held = holdout(prompts, cfg.data.eval_holdout, cfg.train.seed)
+        else:
+            held = prompts_of(eval_records, route, source.label)
+        if not prompts:
+            raise PromptDataError(f"data.sources ({source.label}): no prompts left to train on (all skipped or the "
+                                  f"file is empty)")
+        data.train_prompts += prompts
+        data.mix.append((len(prompts), source.weight))
+        if held:
+            data.eval_sets[source.label] = held
+
+
+def task_teacher(cfg: RunConfig, task: str) -> str | None:
+    """The teacher of an eval.tasks set: that of a source of the same task, else the only one."""
+    for source in cfg.data.sources:
+        if source.task == task and source.teacher != NO_TEACHER:
+            return source.teacher or (next(iter(cfg.teacher_specs)) if len(cfg.teacher_specs) == 1 else None)
+    return next(iter(cfg.teacher_specs)) if len(cfg.teacher_specs) == 1 else None
+
+
 def load_data(cfg: RunConfig, tokenizer) -> RunData:
     data = RunData()
+    route = router(cfg) if cfg.routed else None
 
-    def prompts_of(records):
-        prompts, skipped = encode_prompts(records, tokenizer, cfg.data.max_prompt_tokens, cfg.data.overlong)
+    def prompts_of(records, route=route, source=None):
+        prompts, skipped = encode_prompts(records, tokenizer, cfg.data.max_prompt_tokens, cfg.data.overlong,
+                                          route, source)
         data.skipped += skipped
         return prompts
 
@@ -66,6 +152,12 @@ def load_data(cfg: RunConfig, tokenizer) -> RunData:
         data.skipped += skipped
         return examples
 
+    if cfg.data.sources:
+        load_sources(cfg, data, prompts_of)
+        for name in cfg.eval.tasks:
+            teacher = task_teacher(cfg, name)
+            data.eval_sets[name] = prompts_of(task_records(cfg, "eval", name), lambda w, r, t=teacher: t)
+        return data
     # The run's own eval prompts: a file or the task's eval split; without either, held out below.
     has_eval_source = cfg.data.eval_prompts is not None or cfg.task.name != "none"
     eval_prompts = prompts_of(prompt_records(cfg, "eval")) if has_eval_source else None
@@ -116,5 +208,6 @@ def load_data(cfg: RunConfig, tokenizer) -> RunData:
     if eval_prompts:
         data.eval_sets[""] = eval_prompts
     for name in cfg.eval.tasks:
-        data.eval_sets[name] = prompts_of(task_records(cfg, "eval", name))
+        teacher = task_teacher(cfg, name)
+        data.eval_sets[name] = prompts_of(task_records(cfg, "eval", name), lambda w, r, t=teacher: t)
     return data

@@ -159,5 +159,13 @@ class CrossTokenizerTeacher:
         })
         return out
 
+    def verify(self, vocab_size: int) -> None:
+        """The inner teacher was verified against its own vocabulary when loaded; the student's
+        vocabulary has nothing to match here."""
+
+    def as_sampler(self, sampling) -> None:
+        """No ceiling: the teacher would sample in its own tokenizer, and the eval decodes the student's."""
+        return None
+
     def close(self) -> None:
         self.inner.close()

@@ -61,5 +61,10 @@ class HFTeacher:
     def take_metrics(self) -> dict:
         return {}
 
+    def as_sampler(self, sampling):
+        from opd.sampler.hf import HFSampler
+
+        return HFSampler(self.model, self.tokenizer, sampling)
+
     def close(self) -> None:
         pass

@@ -1,0 +1,220 @@
+"""Two skills from two specialist teachers into one student, against learning them in turn and
+against one teacher for both.
+
+    .venv/bin/python experiments/multi_teacher.py --seeds 3            # the full experiment
+    .venv/bin/python experiments/multi_teacher.py --seeds 1 --quick    # a small budget (checks the path)
+
+The skills are two arithmetic tasks the tiny tokenizer already handles: `add` (two + or - steps on
+one-digit operands) and `mul` (two * steps). From one student start (a tiny Llama given a short SFT
+on both), every arm runs `opd distill` with the exact reverse KL for the same number of steps:
+
+* routed:     teachers {add: the add specialist, mul: the mul specialist}; data.sources mix the two
+              skills 1 : 1 and route each prompt to its specialist (opd.teacher.router);
+* sequential: the add specialist on add prompts for half the steps, then the mul specialist on
+              mul prompts for the other half (from the first half's model): forgetting shows as the
+              add accuracy falling in the second half;
+* one:        one generalist teacher (the same shape, SFT on both skills for as many steps as the
+              two specialists together) on the same 1 : 1 mix.
+
+Every model is measured the same way at half and at all of the steps (the checkpoints), by `opd
+eval`'s evaluate_config on each skill's held-out prompts (sampled pass@1, its own seed). The
+teachers and the student start are built once and cached under $OPD_CACHE. Results go to
+experiments/results/multi_teacher.json and experiments/RESULTS_multi_teacher.md (generated, never
+edited by hand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from opd.cli.demo import environment
+from opd.compare import cached_model
+from opd.config import TaskConfig, load_config
+from opd.eval_command import evaluate_config
+from opd.tasks import make_records
+
+HERE = Path(__file__).parent
+console = Console()
+SKILLS = {"add": {"digits": 1, "operations": 2, "operators": "+-"},
+          "mul": {"digits": 1, "operations": 2, "operators": "*"}}
+FULL = {"hidden": 96, "teacher_steps": 600, "start_steps": 120, "steps": 80, "lr": 5e-4, "train_size": 900,
+        "eval_size": 64}
+QUICK = {"hidden": 48, "teacher_steps": 150, "start_steps": 40, "steps": 12, "lr": 5e-4, "train_size": 300,
+         "eval_size": 24}
+
+
+def write_skill_files(root: Path, budget: dict) -> dict[str, dict[str, Path]]:
+    """Each skill's train and eval records as JSONL (the train records hold reference solutions,
+    which SFT builds the teachers from), and both skills' train records together."""
+    root.mkdir(parents=True, exist_ok=True)
+    files: dict[str, dict[str, Path]] = {}
+    mixed = []
+    for name, arithmetic in SKILLS.items():
+        task = TaskConfig(name="arithmetic", train_size=budget["train_size"], eval_size=budget["eval_size"],
+                          arithmetic=arithmetic)
+        files[name] = {}
+        for split in ("train", "eval"):
+            records = make_records(task, split)
+            path = root / f"{name}_{split}.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+            files[name][split] = path
+            if split == "train":
+                mixed += records
+    mixed_path = root / "both_train.jsonl"
+    mixed_path.write_text("".join(json.dumps(r) + "\n" for r in sorted(mixed, key=json.dumps)))
+    files["both"] = {"train": mixed_path}
+    return files
+
+
+def sft_build(data: Path, seed: int, steps: int, hidden: int) -> dict:
+    return {"method": "sft", "run_dir": "unused", "student": {"tiny": {"hidden_size": hidden, "num_layers": 2,
+                                                                        "seed": seed}},
+            "data": {"completions": str(data), "eval_holdout": 16}, "sampling": {"max_new_tokens": 40},
+            "optim": {"lr": 3e-3, "warmup_steps": 20, "schedule": "cosine", "min_lr_ratio": 0.1},
+            "train": {"steps": steps, "prompts_per_step": 32, "micro_batch_size": 32},
+            "eval": {"samples_per_prompt": 1, "max_new_tokens": 40, "every": 0},
+            "log": {"progress": False, "tensorboard": False}, "checkpoint": {"every": 0}}
+
+
+def build_models(files: dict, budget: dict) -> dict[str, Path]:
+    """The two specialists, the generalist (both skills, as many steps as the two together) and the
+    student start (both skills, briefly), cached."""
+    hidden, steps = budget["hidden"], budget["teacher_steps"]
+    builds = {"add": sft_build(files["add"]["train"], 0, steps, hidden),
+              "mul": sft_build(files["mul"]["train"], 0, steps, hidden),
+              "both": sft_build(files["both"]["train"], 0, 2 * steps, hidden),
+              "start": sft_build(files["both"]["train"], 1, budget["start_steps"], hidden)}
+    return {name: cached_model(load_config(None, [], base=tree), console, f"the {name} model")[0]
+            for name, tree in builds.items()}
+
+
+def source(files: dict, skill: str, teacher: str) -> dict:
+    return {"name": skill, "prompts": str(files[skill]["train"]), "eval_prompts": str(files[skill]["eval"]),
+            "teacher": teacher}
+
+
+def distill_tree(run_dir: Path, student: Path, teachers: dict[str, Path], sources: list[dict], steps: int,
+                 seed: int, lr: float = 5e-4) -> dict:
+    return {"method": "distill", "run_dir": str(run_dir), "student": {"path": str(student)},
+            "teachers": {name: {"path": str(path)} for name, path in teachers.items()},
+            "data": {"sources": sources}, "loss": {"kind": "reverse_kl"},
+            "sampling": {"samples_per_prompt": 4, "max_new_tokens": 40},
+            "optim": {"lr": lr, "warmup_steps": 5, "schedule": "constant"},
+            "train": {"steps": steps, "prompts_per_step": 8, "micro_batch_size": 32, "seed": seed},
+            "eval": {"samples_per_prompt": 1, "max_new_tokens": 40, "every": 0, "teacher_accuracy": False},
+            "log": {"progress": False, "tensorboard": False, "rollouts_every": 0},
+            "checkpoint": {"every": max(steps // 2, 1), "keep_last": 2}}
+
+
+def train_tree(tree: dict) -> None:
+    from opd.loop import train
+
+    if not (Path(tree["run_dir"]) / "summary.json").is_file():
+        train(load_config(None, [], base=tree), console=console)
+
+
+def checkpoint_model(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:06d}" / "model"
+
+
+def measure(files: dict, models: dict, model_dir: Path, seed: int) -> dict[str, float]:
+    """Each skill's held-out accuracy of the model at model_dir, measured alike for every arm: the
+    model as the student of a config whose sources are the two skills (no teacher is loaded:
+    method rl without teachers only grades)."""
+    tree = distill_tree(Path("unused"), model_dir, {}, [source(files, "add", "add"), source(files, "mul", "mul")],
+                        1, seed)
+    tree.update(method="rl", teachers={}, loss={"kind": "sampled_reverse_kl"})
+    tree["data"]["sources"] = [{k: v for k, v in s.items() if k != "teacher"} for s in tree["data"]["sources"]]
+    sets = evaluate_config(load_config(None, [], base=tree), None, [], str(model_dir))["sets"]
+    return {skill: sets[skill]["accuracy"] for skill in SKILLS}
+
+
+def run_seed(out: Path, files: dict, models: dict, budget: dict, seed: int) -> dict:
+    steps, lr = budget["steps"], budget["lr"]
+    half = steps // 2
+    both = [source(files, "add", "add"), source(files, "mul", "mul")]
+    arms = {
+        "routed": [distill_tree(out / "routed", models["start"], {"add": models["add"], "mul": models["mul"]},
+                                both, steps, seed, lr)],
+        "one": [distill_tree(out / "one", models["start"], {"both": models["both"]},
+                             [{**s, "teacher": "both"} for s in both], steps, seed, lr)],
+    }
+    first = distill_tree(out / "sequential_add", models["start"], {"add": models["add"]},
+                         [source(files, "add", "add")], half, seed, lr)
+    second = distill_tree(out / "sequential_mul", checkpoint_model(out / "sequential_add", half),
+                          {"mul": models["mul"]}, [source(files, "mul", "mul")], steps - half, seed, lr)
+    results = {"start": measure(files, models, models["start"], seed)}
+    for name, trees in arms.items():
+        train_tree(trees[0])
+        run_dir = Path(trees[0]["run_dir"])
+        results[name] = {"half": measure(files, models, checkpoint_model(run_dir, half), seed),
+                         "end": measure(files, models, checkpoint_model(run_dir, steps), seed)}
+    train_tree(first)
+    train_tree(second)
+    results["sequential"] = {"half": measure(files, models, checkpoint_model(out / "sequential_add", half), seed),
+                             "end": measure(files, models, checkpoint_model(out / "sequential_mul", steps - half),
+                                            seed)}
+    for name in ("add", "mul", "both"):
+        results[f"teacher_{name}"] = measure(files, models, models[name], seed)
+    return results
+
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def write_results(per_seed: list[dict], budget: dict, command: str, seconds: float, tag: str = "") -> None:
+    (HERE / "results").mkdir(exist_ok=True)
+    record = {"per_seed": per_seed, "budget": budget, "command": command, "seconds": seconds,
+              "environment": environment(), "machine": platform.machine()}
+    (HERE / "results" / f"multi_teacher{tag}.json").write_text(json.dumps(record, indent=1) + "\n")
+    lines = ["# Several teachers: two skills into one student", "",
+             f"Generated by `{command}` ({len(per_seed)} seed(s), {seconds / 60:.0f} min, {budget}); "
+             f"do not edit. Sampled pass@1 on each skill's held-out prompts, mean ± sd over seeds.", "",
+             "| model | step | add | mul |", "|---|---|---|---|"]
+    for name in ("teacher_add", "teacher_mul", "teacher_both", "start"):
+        lines.append(f"| {name} | - | {mean_sd([r[name]['add'] for r in per_seed])} | "
+                     f"{mean_sd([r[name]['mul'] for r in per_seed])} |")
+    steps = budget["steps"]
+    for arm in ("routed", "sequential", "one"):
+        for at, step in (("half", steps // 2), ("end", steps)):
+            lines.append(f"| {arm} | {step} | {mean_sd([r[arm][at]['add'] for r in per_seed])} | "
+                         f"{mean_sd([r[arm][at]['mul'] for r in per_seed])} |")
+    (HERE / f"RESULTS_multi_teacher{tag}.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="a small budget: checks the path, not the result")
+    parser.add_argument("--out", type=Path, default=Path("runs/experiments/multi_teacher"))
+    parser.add_argument("--steps", type=int, help="distillation steps per arm (default: the budget's)")
+    parser.add_argument("--lr", type=float, help="distillation learning rate (default: the budget's)")
+    parser.add_argument("--tag", default="", help="results go to multi_teacher<tag>.json / RESULTS_multi_teacher<tag>.md")
+    args = parser.parse_args()
+    budget = dict(QUICK if args.quick else FULL)
+    budget.update({k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None})
+    started = time.time()
+    files = write_skill_files(args.out / "data", budget)
+    models = build_models(files, budget)
+    per_seed = []
+    for seed in range(args.seeds):
+        per_seed.append(run_seed(args.out / f"seed_{seed}", files, models, budget, seed))
+        console.print(f"seed {seed}: {json.dumps(per_seed[-1])}")
+    command = f"experiments/multi_teacher.py --seeds {args.seeds}" + (" --quick" if args.quick else "") + \
+        (f" --steps {args.steps}" if args.steps else "") + (f" --lr {args.lr}" if args.lr else "") + \
+        (f" --tag {args.tag}" if args.tag else "")
+    write_results(per_seed, budget, command, time.time() - started, args.tag)
+
+
+if __name__ == "__main__":
+    main()
