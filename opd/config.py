@@ -315,6 +315,20 @@ class RLConfig(Section):
     divide_by_std: bool = False  # also divide by the group's reward std (GRPO); off: Dr. GRPO-style centring only
 
 
+class EnvConfig(BaseModel):
+    """`env:` multi-turn episodes and tool use (opd.envs): `class` is a built-in Env (single_turn,
+    calculator, feedback) or `module:Name` (the run config is trusted code; data records never name
+    a class); every other key is passed to its constructor."""
+    model_config = ConfigDict(extra="allow", validate_assignment=True, populate_by_name=True)
+
+    class_: str = Field(alias="class")
+    max_turns: int = Field(4, ge=1)  # sampled turns per episode
+    max_tokens: int = Field(512, ge=1)  # tokens after the first prompt (sampled + environment)
+
+    def args(self) -> dict:
+        return dict(self.model_extra or {})
+
+
 class LmEvalConfig(Section):
     """lm-evaluation-harness tasks run between steps (opd.harness; needs pip install 'opd[eval]'),
     logged as lm_eval/<task>/<metric>."""
@@ -377,6 +391,7 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    env: EnvConfig | None = None  # multi-turn episodes / tool use; None: one prompt, one completion
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":

@@ -30,7 +30,10 @@ def completion_texts(rollouts: Rollouts, tokenizer) -> list[str]:
 
 def grade_rollouts(rollouts: Rollouts, tokenizer, default_grader: str | None) -> list[Grade | None]:
     """One grade per row (None where the prompt's record has no grader). Only graded rows are
-    decoded: a distillation run without graders calls this every step."""
+    decoded: a distillation run without graders calls this every step. Episodes of an Env that
+    gives rewards (opd.envs) are graded by it."""
+    if rollouts.env_rewards is not None:
+        return [Grade(score=float(r)) for r in rollouts.env_rewards.tolist()]
     grades = []
     for row, keep, group in zip(rollouts.tokens, rollouts.completion_mask, rollouts.group_ids.tolist()):
         record = rollouts.prompts[group].record if rollouts.prompts else {}
@@ -91,10 +94,13 @@ def rollout_records(rollouts: Rollouts, scores: TeacherScores | None, tokenizer,
             "student_logprobs": student,
             "truncated": bool(rollouts.truncated[i]),
         }
+        if rollouts.multi_turn:  # 0: an environment token (tool output, user turn), not trained on
+            record["sampled"] = [int(v) for v in rollouts.loss_mask[i][keep].tolist()]
         if teacher_logprobs is not None:
             teacher = teacher_logprobs[i][keep].tolist()
             record["teacher_logprobs"] = teacher
-            record["teacher_kl"] = [s - t for s, t in zip(student, teacher)]
+            sampled = rollouts.loss_mask[i][keep].tolist()
+            record["teacher_kl"] = [(s - t) * m for s, t, m in zip(student, teacher, sampled)]
         if scores is not None and scores.chunks is not None:
             record["chunks"] = scores.chunks.index[i][keep].tolist()
         if grades and grades[i] is not None:
@@ -109,12 +115,13 @@ def rollout_metrics(rollouts: Rollouts, teacher_logprobs: torch.Tensor | None,
                     scored_rows: torch.Tensor | None = None) -> dict:
     """Lengths, truncation, entropy and the mean teacher KL (over `scored_rows` only when given: the
     rows a teacher scored)."""
-    mask = rollouts.completion_mask
+    mask = rollouts.loss_mask
     tokens = float(mask.sum())
     metrics = {
         "completion_len": float(rollouts.completion_lengths.mean()),
         "truncated": float(rollouts.truncated.float().mean()),
         "tokens": int(tokens),
+        **rollouts.env_metrics,
     }
     if rollouts.entropy is not None:  # an inference engine returns the sampled tokens' log-probs only
         metrics["entropy"] = float(rollouts.entropy.sum()) / max(tokens, 1.0)

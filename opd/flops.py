@@ -126,7 +126,7 @@ class ModelCost:
 def row_lengths(rollouts) -> tuple[list[int], list[int]]:
     """(length, completions) per row: real positions up to and including the last completion
     token, and the number of completion tokens."""
-    completion = rollouts.completion_mask > 0
+    completion = rollouts.loss_mask > 0
     real = rollouts.attention_mask > 0
     width = completion.shape[1]
     has_completion = completion.any(-1)

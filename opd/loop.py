@@ -61,7 +61,7 @@ def step_advantages(cfg: RunConfig, rollouts: Rollouts, scores: TeacherScores | 
                     rewards: torch.Tensor | None) -> torch.Tensor:
     """The one advantage computation of every on-policy method: the teacher KL term when the
     teacher scored the batch, the group-centred reward when a grader did, or both."""
-    return compute_advantages(rollouts.completion_mask, rollouts.behaviour_logprobs,
+    return compute_advantages(rollouts.loss_mask, rollouts.behaviour_logprobs,
                               scores.logprobs if scores is not None else None,
                               kl_coef=cfg.loss.kl_coef, discount=cfg.loss.discount,
                               rewards=rewards, group_ids=rollouts.group_ids, divide_by_std=cfg.rl.divide_by_std,
@@ -234,7 +234,7 @@ def recompute_behaviour(cfg: RunConfig, learner, batch: Rollouts) -> dict:
     min(pi_learner / pi_engine, cap) (truncated importance sampling), since the engine drew it."""
     engine = batch.behaviour_logprobs
     batch.behaviour_logprobs, batch.entropy = learner.policy_logprobs(batch)
-    mask = batch.completion_mask
+    mask = batch.loss_mask
     tokens = max(float(mask.sum()), 1.0)
     metrics = {"logprob_mismatch": float(((batch.behaviour_logprobs - engine).abs() * mask).sum()) / tokens}
     if cfg.sampling.importance_cap is not None:
@@ -298,11 +298,11 @@ def run_step(cfg: RunConfig, components: Components, step: int, batches: Student
     sync_s = time.perf_counter() - t_sync
     flops["flops_train"] = training_flops(learner.cost, batch)
     if learner.exact:  # the teacher's head is applied again, over the whole vocabulary, in the loss
-        flops["flops_teacher"] += teacher.cost.forward(0, int(batch.completion_mask.sum()))
+        flops["flops_teacher"] += teacher.cost.forward(0, int(batch.loss_mask.sum()))
     t3 = time.perf_counter()
 
     metrics = rollout_metrics(batch, scores.logprobs if scores is not None else None) if cfg.on_policy else \
-        {"tokens": int(batch.completion_mask.sum()),
+        {"tokens": int(batch.loss_mask.sum()),
          "padding": 1.0 - float(batch.attention_mask.sum()) / batch.attention_mask.numel()}
     metrics.update(reward_metrics(grades, batch.group_ids) if grades else {})
     metrics.update(train_metrics)

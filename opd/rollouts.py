@@ -5,6 +5,11 @@ EOS]; the prompt part is `prompt_width` wide for all rows. Fixed sequences (SFT 
 `sequence_batch`) are right-padded instead: [prompt | completion | padding], `prompt_width` 0. Per-token values (log-probs, KL, advantages) are aligned
 with `tokens`: the value at t is about token t, predicted from tokens < t, and is 0 where
 `completion_mask` is 0.
+
+Multi-turn episodes (opd.envs): the completion is the whole conversation after the first prompt,
+the student's sampled turns and the environment's messages between them; `loss_mask` is 1 on the
+sampled tokens only (non-contiguous spans). Every loss, advantage, metric and the teacher's scores
+use `loss_mask`; for a single turn it is `completion_mask` itself.
 """
 
 from __future__ import annotations
@@ -29,6 +34,16 @@ class Rollouts:
     # B x T: per-token weight of the policy gradient (truncated importance weights pi_learner /
     # pi_engine when sampling.importance_cap is set); None: 1 everywhere.
     importance_weights: torch.Tensor | None = None
+    # B x T float: 1 on tokens the student sampled (what the loss counts); None at construction:
+    # completion_mask (a single turn). 0 on environment tokens (tool results, user turns).
+    loss_mask: torch.Tensor | None = None
+    # B float: the episode's reward from its Env (opd.envs), replacing the grader's; None: graded.
+    env_rewards: torch.Tensor | None = None
+    env_metrics: dict = field(default_factory=dict)  # the episodes' turns, tool calls, truncations (env/...)
+
+    def __post_init__(self):
+        if self.loss_mask is None:
+            self.loss_mask = self.completion_mask
 
     @property
     def batch_size(self) -> int:
@@ -36,13 +51,17 @@ class Rollouts:
 
     @property
     def completion_lengths(self) -> torch.Tensor:
-        return self.completion_mask.sum(-1)
+        return self.loss_mask.sum(-1)
+
+    @property
+    def multi_turn(self) -> bool:
+        return self.loss_mask is not self.completion_mask and not torch.equal(self.loss_mask, self.completion_mask)
 
     @property
     def predicts_completion(self) -> torch.Tensor:
-        """B x (T-1) bool: the positions whose state predicts a completion token (state t-1
-        predicts token t), i.e. where logits are needed."""
-        return self.completion_mask[:, 1:].bool()
+        """B x (T-1) bool: the positions whose state predicts a sampled token (state t-1 predicts
+        token t), i.e. where logits are needed (environment tokens are read, never predicted)."""
+        return self.loss_mask[:, 1:].bool()
 
     def micro_batches(self, size: int) -> Iterator[tuple["Slot", "Rollouts"]]:
         """(where it lies, rows) for micro-batches of `size` rows: rows of similar length together,
@@ -60,10 +79,10 @@ class Rollouts:
             yield slot, self.part(slot)
 
     def extents(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's first real column and one past its last completion token (B each)."""
+        """Each row's first real column and one past its last sampled token (B each)."""
         columns = torch.arange(self.tokens.shape[1], device=self.tokens.device)
         starts = torch.where(self.attention_mask.bool(), columns, self.tokens.shape[1]).min(-1).values
-        stops = torch.where(self.completion_mask.bool(), columns + 1, 0).max(-1).values
+        stops = torch.where(self.loss_mask.bool(), columns + 1, 0).max(-1).values
         return starts, torch.maximum(stops, starts + 1)
 
     def part(self, slot: "Slot") -> "Rollouts":
@@ -71,7 +90,9 @@ class Rollouts:
         kwargs = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
+            if f.name == "loss_mask" and value is self.completion_mask:
+                value = None  # stays the same tensor as completion_mask in the part
+            elif isinstance(value, torch.Tensor):
                 value = slot.of(value) if value.dim() >= 2 else value[slot.rows]
             kwargs[f.name] = value
         kwargs["prompt_width"] = max(0, self.prompt_width - slot.start)
@@ -79,6 +100,8 @@ class Rollouts:
 
     def to(self, device: torch.device | str) -> "Rollouts":
         kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
+        if kwargs["loss_mask"] is self.completion_mask:
+            kwargs["loss_mask"] = None
         return Rollouts(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
 
     def rows(self, index: slice) -> "Rollouts":

@@ -106,7 +106,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         # The completion tokens of the whole optimizer batch: all micro-batches, and all ranks when
         # several processes train (each holds its share of the batch; gradients are summed over them).
-        num_tokens = distributed.sum_tensor(rollouts.completion_mask.sum()).clamp(min=1)
+        num_tokens = distributed.sum_tensor(rollouts.loss_mask.sum()).clamp(min=1)
         total_loss, sums = 0.0, {}
         micro_batches = list(rollouts.micro_batches(self.micro_batch_size))
         for i, (slot, micro) in enumerate(micro_batches):
@@ -212,7 +212,7 @@ class Learner:
                                        chunk_size=self.loss_cfg.chunk_size)
             total += float(div.sum())
         self.model.train(was_training)
-        return total / max(float(rollouts.completion_mask.sum()), 1.0)
+        return total / max(float(rollouts.loss_mask.sum()), 1.0)
 
     def nonfinite_tensors(self) -> list[str]:
         """Names of the parameters holding a NaN or inf (a checkpoint is never written from them)."""

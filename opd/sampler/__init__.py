@@ -9,7 +9,22 @@ from opd.sampler.hf import HFSampler
 
 
 def build_sampler(cfg, learner, tokenizer, model, run_dir: Path):
-    """The run's sampler for `sampling.backend` and `train.max_staleness` (see opd.components)."""
+    """The run's sampler for `sampling.backend` and `train.max_staleness` (see opd.components);
+    with `env:` it runs that Env's episodes (opd.envs.episodes)."""
+    sampler = _backend_sampler(cfg, learner, tokenizer, model, run_dir)
+    return with_env(cfg, sampler)
+
+
+def with_env(cfg, sampler):
+    """The sampler running cfg.env's episodes, or itself without an env."""
+    if getattr(cfg, "env", None) is None:
+        return sampler
+    from opd.envs import env_factory
+    from opd.envs.episodes import EpisodeSampler
+    return EpisodeSampler(sampler, env_factory(cfg.env.class_, cfg.env.args()), cfg.env.max_turns, cfg.env.max_tokens)
+
+
+def _backend_sampler(cfg, learner, tokenizer, model, run_dir: Path):
     from opd.sampler.vllm import VLLMSampler, VLLMServerSampler
 
     if cfg.sampling.backend == "hf":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from opd.config import ConfigError
 from opd.alignment import AlignmentError, RowAlignment, align_row, end_of_turn_ids, teacher_prompt_ids
 from opd.roles import Chunks, Teacher, TeacherScores
 from opd.rollouts import Rollouts, sampled_batch
@@ -83,6 +84,9 @@ class CrossTokenizerTeacher:
 
     @torch.no_grad()
     def score(self, rollouts: Rollouts, keep_hidden: bool = False) -> TeacherScores:
+        if rollouts.multi_turn:
+            raise ConfigError("a teacher of another tokenizer cannot score multi-turn episodes (env:) yet; "
+                              "use a teacher of the student's tokenizer")
         alignments = self._align(rollouts)
         rows = [i for i, a in enumerate(alignments) if isinstance(a, RowAlignment)]
         aligned = [alignments[i] for i in rows]

@@ -476,7 +476,7 @@ def _sequences(rollouts: Rollouts) -> list[_Sequence]:
     attended one) up to and including its last completion token."""
     tokens = rollouts.tokens.detach().cpu()
     attended = rollouts.attention_mask.detach().cpu() > 0
-    completion = rollouts.completion_mask.detach().cpu() > 0
+    completion = rollouts.loss_mask.detach().cpu() > 0
     sequences = []
     for row in range(tokens.shape[0]):
         columns = completion[row].nonzero().flatten().tolist()

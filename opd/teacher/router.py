@@ -93,7 +93,7 @@ class RoutingTeacher:
                    for name, part in parts.items()}
         scored = {name: future.result() for name, future in futures.items()}  # the first failure is raised
 
-        mask = rollouts.completion_mask
+        mask = rollouts.loss_mask
         logprobs = rollouts.behaviour_logprobs * mask  # no teacher: k_t = 0
         for name, scores in scored.items():
             logprobs[rows[name]] = scores.logprobs.to(logprobs.dtype)
@@ -129,7 +129,7 @@ class RoutingTeacher:
         values = torch.zeros(shape, device=rollouts.tokens.device)
         for name, scores in scored.items():
             k = scores.topk_ids.shape[-1]
-            inside = rollouts.completion_mask[rows[name]].bool()[..., None]
+            inside = rollouts.loss_mask[rows[name]].bool()[..., None]
             padded = torch.full((*inside.shape[:2], self.top_k), float("-inf"), device=values.device)
             padded[..., :k] = scores.topk_logprobs.to(values.dtype)
             values[rows[name]] = torch.where(inside, padded, 0.0)
@@ -164,12 +164,12 @@ class RoutingTeacher:
         return hidden, logits
 
     def _record(self, rollouts: Rollouts, parts: dict, scored: dict, routed: torch.Tensor) -> None:
-        mask = rollouts.completion_mask
+        mask = rollouts.loss_mask
         total = max(float(mask.sum()), 1.0)
         metrics, positions = {}, {}
         for name, part in parts.items():
-            tokens = float(part.completion_mask.sum())
-            kl = teacher_kl(part.behaviour_logprobs, scored[name].logprobs, part.completion_mask)
+            tokens = float(part.loss_mask.sum())
+            kl = teacher_kl(part.behaviour_logprobs, scored[name].logprobs, part.loss_mask)
             metrics[f"teacher_kl/{name}"] = float(kl.sum()) / max(tokens, 1.0)
             metrics[f"tokens/{name}"] = tokens / total
             positions[name] = float(sum(row_lengths(part)[0]))
@@ -249,4 +249,7 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
                     entropy=cat("entropy", 0.0), truncated=torch.cat([p.truncated for p in parts]),
                     group_ids=torch.cat([p.group_ids + o for p, o in zip(parts, offsets)]), prompt_width=width,
                     prompts=[q for p in parts for q in p.prompts],
-                    importance_weights=cat("importance_weights", 0.0))
+                    importance_weights=cat("importance_weights", 0.0),
+                    loss_mask=cat("loss_mask", 0.0) if any(p.multi_turn for p in parts) else None,
+                    env_rewards=None if any(p.env_rewards is None for p in parts) else
+                    torch.cat([p.env_rewards for p in parts]))
