@@ -21,7 +21,7 @@ from opd.learner.learner import Learner
 from opd.models import load_model, load_tokenizer, pick_device
 from opd.objectives import objective_of
 from opd.roles import Sampler, Teacher, check_output_sizes
-from opd.sampler import build_sampler
+from opd.sampler import build_sampler, with_env
 from opd.same_model import warn_if_same_model
 from opd.tasks import check_record_graders, is_graded
 from opd.teacher.hf import HFTeacher
@@ -213,4 +213,6 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
     if distributed.is_sharded(learner):  # FSDP2: the sampler gathers the sharded weights it reads
         sampler = distributed.GatheringSampler(sampler, learner)
     teacher_sampler = teacher.as_sampler(cfg.sampling) if teacher is not None else None
+    if teacher_sampler is not None:  # the teacher's ceiling runs the same episodes (env:)
+        teacher_sampler = with_env(cfg, teacher_sampler)
     return Components(learner, sampler, teacher, tokenizer, data, teacher_sampler)

@@ -22,6 +22,7 @@ from opd.learner.checkpoint import has_trainer_state, latest_checkpoint
 from opd.learner.learner import Learner
 from opd.loop import seed_everything
 from opd.models import load_model, load_tokenizer, pick_device
+from opd.sampler import with_env
 from opd.sampler.hf import HFSampler
 
 
@@ -93,7 +94,7 @@ def evaluate_config(cfg, weights: Path | None, tasks: list[str], label: str, con
         raise ConfigError("nothing to evaluate on: pass --task (arithmetic, knowledge, instruction) or a --config "
                           "with task.name or data.eval_prompts")
 
-    sampler = HFSampler(student, tokenizer, cfg.sampling)
+    sampler = with_env(cfg, HFSampler(student, tokenizer, cfg.sampling))  # env: Env episodes
     results = {"model": label, "checkpoint": str(weights.parent) if weights is not None else None,
                "samples_per_prompt": 1 if cfg.eval.greedy else cfg.eval.samples_per_prompt,
                "greedy": cfg.eval.greedy, "seed": cfg.eval.seed, "sets": {}}

@@ -41,8 +41,11 @@ def coloured_rollout(record: dict) -> str:
     several tokens is outlined as one."""
     spans = []
     chunks = record.get("chunks") or [None] * len(record["tokens"])
+    sampled = record.get("sampled") or [1] * len(record["tokens"])  # 0: an environment token (opd.envs)
     for n, (token, kl, chunk) in enumerate(zip(record["tokens"], record["teacher_kl"], chunks)):
         style, title, data = f"background:{kl_colour(kl)}", f"k {kl:.3f} nats", ""
+        if not sampled[n]:  # not the student's: greyed out, no KL, not trained on
+            style, title, data = "background:#e4e4e4;color:#888", "environment (not trained on)", ' data-env="1"'
         if chunk is not None:
             if chunk >= 0 and chunk in chunks[max(n - 1, 0):n] + chunks[n + 1:n + 2]:
                 style += ";border-bottom:2px solid #447"  # one chunk of several student tokens
@@ -100,7 +103,7 @@ def _rollouts_html(run_dir: Path, shown: int, label: str = "") -> list[str]:
             f'<div class="rollout"><div class="prompt">{html.escape(r.get("prompt") or "")}</div>'
             f'<div class="completion" data-run="{html.escape(label)}" data-file="{path.name}" data-index="{i}">'
             f'{coloured_rollout(r)}</div>'
-            f'<div class="meta">mean log-ratio k {sum(r["teacher_kl"]) / max(len(r["teacher_kl"]), 1):.3f} nats per '
+            f'<div class="meta">mean log-ratio k {sum(r["teacher_kl"]) / max(sum(r.get("sampled") or [1] * len(r["teacher_kl"])), 1):.3f} nats per '
             f'token (a one-sample estimate of the reverse KL: it can be negative)'
             f'{", score " + str(r["score"]) if "score" in r else ""}</div></div>'
             for i, r in enumerate(records))
