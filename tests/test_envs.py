@@ -190,3 +190,19 @@ def test_calculator_env_trains_under_distill_and_rl(tiny_config, method):
     steps = [r for r in rows if r.get("step", 0) > 0 and "env/turns" in r]
     assert len(steps) == 2 and all("env/tool_call_rate" in r and "accuracy" in r for r in steps)
     assert any("eval/env/turns" in r for r in rows)
+
+
+def test_logged_rollouts_and_report_grey_out_environment_tokens(multi_turn):
+    from opd.evaluation import rollout_metrics, rollout_records
+    from opd.report import coloured_rollout
+    batch, tok = multi_turn
+    teacher = batch.behaviour_logprobs - 0.5 * batch.loss_mask  # k = 0.5 on every sampled token
+    record = rollout_records(batch, type("S", (), {"logprobs": teacher, "chunks": None})(), tok, 1)[0]
+    sampled = record["sampled"]
+    assert 0 in sampled and len(sampled) == len(record["tokens"])
+    assert [k for k, m in zip(record["teacher_kl"], sampled) if not m] == [0.0] * sampled.count(0)
+    html = coloured_rollout(record)
+    assert html.count('data-env="1"') == sampled.count(0)
+    metrics = rollout_metrics(batch, teacher)
+    assert metrics["teacher_kl"] == pytest.approx(0.5) and metrics["tokens"] == int(batch.loss_mask.sum())
+    assert metrics["env/turns"] == 3

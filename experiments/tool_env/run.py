@@ -54,14 +54,19 @@ def sft_teacher(out: Path, steps: int = 400) -> Path:
     return path
 
 
+STEPS = 300
+
+
 def run(method: str, teacher: Path, out: Path) -> dict:
     overrides = [f"method={method}", f"run_dir={out / method}", "student.tiny.hidden_size=64", "student.tiny.seed=1",
                  f"teacher.path={teacher}", "task.name=arithmetic", "task.arithmetic.digits=2",
-                 "task.arithmetic.operations=1", "task.arithmetic.operators=*", "task.eval_size=32",
+                 "task.arithmetic.operations=1", "task.arithmetic.operators=\"*\"", "task.eval_size=32",
                  "env.class=calculator", "env.max_turns=3", "env.max_tokens=64", "sampling.max_new_tokens=20",
                  "sampling.samples_per_prompt=4", "train.prompts_per_step=8", "train.micro_batch_size=32",
-                 "train.steps=40", "optim.lr=3e-3", "optim.warmup_steps=2", "eval.every=20",
+                 f"train.steps={STEPS}", "optim.lr=3e-3", "optim.warmup_steps=2", f"eval.every={STEPS // 3}",
                  "log.progress=false", "log.tensorboard=false", "checkpoint.every=0"]
+    if method == "distill":
+        overrides += ["loss.kind=reverse_kl"]  # the exact reverse KL per sampled position (same tokenizer)
     if method == "rl":
         overrides += ["loss.kl_coef=0"]  # plain RL: the Env's reward only (the teacher only measures KL at eval)
     train(load_config(None, overrides))
@@ -71,7 +76,7 @@ def run(method: str, teacher: Path, out: Path) -> dict:
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tool_env")
     out.mkdir(parents=True, exist_ok=True)
-    teacher = sft_teacher(out)
+    teacher = out / "teacher" if (out / "teacher").exists() else sft_teacher(out)
     keys = ("step", "eval/accuracy", "eval/env/tool_call_rate", "eval/env/turns", "eval/teacher_kl",
             "eval/teacher_accuracy", "eval/env/truncated")
     table = {m: [{k: r.get(k) for k in keys} for r in run(m, teacher, out)] for m in ("distill", "rl")}

@@ -33,7 +33,8 @@ class Episode:
     tool_calls: int = 0
     reward: float | None = None
     done: bool = False
-    truncated: bool = False
+    truncated: bool = False  # reached max_turns or max_tokens unfinished (env/truncated)
+    cut: bool = False  # its last turn ran out of tokens (no EOS or stop string)
 
     def add_reward(self, outcome: StepOutcome) -> None:
         if outcome.reward is not None:
@@ -128,6 +129,7 @@ class EpisodeSampler:
             ent = out.entropy[row][keep].tolist() if out.entropy is not None else [0.0] * len(ids)
             budget = budgets[row] if budgets is not None else limit
             cut = len(ids) > budget
+            e.cut = cut or bool(out.truncated[row])
             ids, lps, ent = ids[:budget], lps[:budget], ent[:budget]
             e.ids += ids
             e.sampled += [1.0] * len(ids)
@@ -190,7 +192,7 @@ def assemble(episodes, group: int, pad_id: int, prompts, device, entropy: bool =
     if any(e.reward is not None for e in episodes):
         rewards = torch.tensor([e.reward or 0.0 for e in episodes])
     return Rollouts(tokens=tokens, attention_mask=attention, completion_mask=completion, behaviour_logprobs=behaviour,
-                    entropy=ent if entropy else None, truncated=torch.tensor([e.truncated for e in episodes]),
+                    entropy=ent if entropy else None, truncated=torch.tensor([e.truncated or e.cut for e in episodes]),
                     group_ids=torch.arange(b) // group, prompt_width=width,
                     prompts=list(prompts) if prompts is not None else [], loss_mask=loss,
                     env_rewards=rewards).to(device)
