@@ -77,6 +77,12 @@ def test_step_metrics_are_of_the_global_batch(monkeypatch):
     assert combined == {"tokens": 40, "teacher_kl": 1.5, "completion_len": 8.0, "loss": 0.5, "skipped": 0,
                         "flops_train": 150, "sample_s": 3.0, "groups_all_equal": 1}
     assert isinstance(combined["skipped"], int)
+    # several teachers: a teacher with rows on one rank only still shows; its KL is over its own tokens
+    ranks = [{"tokens": 30, "tokens/math": 1.0, "teacher_kl/math": 2.0, "tokens/chat": 0.0},
+             {"tokens": 10, "tokens/math": 0.5, "teacher_kl/math": 4.0, "tokens/chat": 0.5, "teacher_kl/chat": 1.0}]
+    combined = distributed.combine_metrics(ranks[0])
+    assert combined == pytest.approx({"tokens": 40, "tokens/math": 35 / 40, "teacher_kl/math": (60 + 20) / 35,
+                                      "tokens/chat": 5 / 40, "teacher_kl/chat": 1.0})
 
 
 def test_one_step_gradients_of_two_ranks_equal_one_rank(tmp_path):
@@ -182,3 +188,25 @@ def test_nccl_gradients_of_two_ranks_equal_one_rank(tmp_path):
         reference = one_step_gradients(key.split("/")[0], "ddp", torch.device("cuda"))
         for name in reference:
             assert torch.allclose(grads[name], reference[name], rtol=1e-4, atol=1e-6), (key, name)
+
+
+def test_routed_teachers_under_ddp_route_every_ranks_share_and_resume_exactly(tmp_path):
+    """Several teachers under torchrun: each rank routes the rows of its share to their teachers; the
+    per-teacher metrics are of the global batch, and a run stopped and resumed ends bit-identical."""
+    sys.path.insert(0, str(HERE))
+    from test_teacher_router import SOURCES, SMALL_TASKS, TWO_TEACHERS
+
+    settings = ["teacher=null", *TWO_TEACHERS, "teachers.math.tiny.pretrain_steps=0",
+                "teachers.chat.tiny.pretrain_steps=0", SOURCES, *SMALL_TASKS, "train.steps=3", "train.strategy=ddp",
+                "log.rollouts_every=0", "eval.every=0"]
+    torchrun("train", tmp_path / "straight", *settings)
+    torchrun("train", tmp_path / "split", "--stop-after", 2, *settings)
+    torchrun("train", tmp_path / "split", "--resume", *settings)
+    a, b = weights(tmp_path / "straight", 3), weights(tmp_path / "split", 3)
+    assert a.keys() == b.keys() and a and all(torch.equal(a[n], b[n]) for n in a)
+    rows = metrics(tmp_path / "straight")
+    assert rows == metrics(tmp_path / "split")
+    step = rows[1]
+    assert step["tokens/math"] + step["tokens/chat"] == pytest.approx(1.0) and step["tokens/chat"] > 0
+    mean = step["tokens/math"] * step["teacher_kl/math"] + step["tokens/chat"] * step["teacher_kl/chat"]
+    assert step["teacher_kl"] == pytest.approx(mean, rel=1e-5)

@@ -168,14 +168,18 @@ def combine_metrics(metrics: dict) -> dict:
     every = gather_objects(metrics)
     tokens = [m.get("tokens", 0) for m in every]
     combined = {}
-    for key in metrics:
+    # Every rank's keys: a teacher of several may have rows on one rank only (teacher_kl/<name>).
+    for key in dict.fromkeys(k for m in every for k in m):
         values = [m[key] for m in every if key in m]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             combined[key] = values[0]
-        elif key in SUMMED or key.startswith("flops_") or key.endswith("_s"):
-            combined[key] = sum(values)
-        elif key in TOKEN_MEANS:
-            combined[key] = sum(m[key] * t for m, t in zip(every, tokens)) / max(sum(tokens), 1)
+        elif key in TOKEN_MEANS or key.startswith("tokens/"):  # tokens/<name>: a share of the rank's tokens
+            combined[key] = sum(m.get(key, 0.0) * t for m, t in zip(every, tokens)) / max(sum(tokens), 1)
+        elif key.startswith("teacher_kl/"):  # a mean over the named teacher's tokens on each rank
+            weights = [t * m.get("tokens/" + key.removeprefix("teacher_kl/"), 0.0) for m, t in zip(every, tokens)]
+            combined[key] = sum(m[key] * w for m, w in zip(every, weights) if key in m) / max(sum(weights), 1e-12)
+        elif (base := key.split("/")[0]) in SUMMED or base.startswith("flops_") or base.endswith("_s"):
+            combined[key] = sum(values)  # counts and times; <counter>/<name>: one teacher's of several
         elif all(v == values[0] for v in values):
             combined[key] = values[0]  # the same on every rank (the learner's metrics): kept exactly
         else:
