@@ -81,9 +81,39 @@ def one_step_gradients(objective: str, strategy: str, device=torch.device("cpu")
     return captured
 
 
+def built_shards(path, overrides) -> None:
+    """`build` under FSDP2: which ranks read the student's weights, and the whole model (weights and
+    buffers) as every rank holds it after sharding, written by rank 0."""
+    import opd.components
+    from opd.learner.distributed import full_model_state
+
+    read = []
+    load_model = opd.components.load_model
+
+    def recording(spec, device, tokenizer=None, weights=True):
+        read.append(weights)
+        return load_model(spec, device, tokenizer, weights=weights)
+
+    opd.components.load_model = recording
+    cfg = load_config(None, [f"run_dir={path}.run", *TINY_RUN, "train.strategy=fsdp2", *overrides])
+    torch.manual_seed(0 if distributed.is_main() else 1)  # LoRA's initial A: rank 0's must be what every rank gets
+    components = opd.components.build(cfg)
+    learner = components.learner
+    state = full_model_state(learner)
+    buffers = distributed.gather_objects({n: b.cpu() for n, b in learner.model.named_buffers()})
+    read_by = distributed.gather_objects(read)
+    probe = components.tokenizer("1 + 1 =").input_ids  # the sampler gathers the shards: the same model on every rank
+    greedy = components.sampler.sample([probe], samples_per_prompt=1, max_new_tokens=4, greedy=True).tokens
+    greedy = distributed.gather_objects(greedy.cpu())
+    if distributed.is_main():
+        torch.save({"read": read_by, "state": state, "buffers": buffers, "greedy": greedy}, path)
+    components.close()
+    distributed.shutdown(learner)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["grads", "train"])
+    parser.add_argument("command", choices=["grads", "train", "build"])
     parser.add_argument("path")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--stop-after", type=int)
@@ -102,6 +132,10 @@ def main() -> None:
         if distributed.is_main():
             torch.save(results, args.path)
         distributed.shutdown()
+        return
+    if args.command == "build":
+        distributed.init(torch.device(args.device))
+        built_shards(args.path, args.overrides)
         return
     import opd.loop
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import TINY_RUN
 from opd.config import ConfigError, load_config
 from opd.learner import distributed
 from opd.learner.checkpoint import latest_checkpoint
@@ -182,3 +183,25 @@ def test_nccl_gradients_of_two_ranks_equal_one_rank(tmp_path):
         reference = one_step_gradients(key.split("/")[0], "ddp", torch.device("cuda"))
         for name in reference:
             assert torch.allclose(grads[name], reference[name], rtol=1e-4, atol=1e-6), (key, name)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fsdp2_rank0_alone_reads_the_student_and_every_rank_gets_its_weights(tmp_path, lora):
+    """FSDP2 (issue 33): rank 1 builds the student on the meta device (reads no weights) and receives
+    its shards from rank 0; the whole model, buffers included, is then exactly the one process's."""
+    from opd.components import build
+
+    extra = ["student.lora.rank=4"] if lora else []
+    torchrun("build", tmp_path / "built.pt", *extra)
+    built = torch.load(tmp_path / "built.pt")
+    assert built["read"] == [[True, True], [True, False]]  # (teacher, student) per rank: the teacher is replicated
+    torch.manual_seed(0)  # as the worker: LoRA's A matrices are drawn from the global generator
+    reference = build(load_config(None, [f"run_dir={tmp_path / 'one'}", *TINY_RUN, *extra])).learner.model
+    expected = reference.state_dict()
+    assert built["state"].keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(built["state"][name], tensor), name
+    for buffers in built["buffers"]:  # non-persistent buffers (rotary frequencies) too, on both ranks
+        for name, tensor in reference.named_buffers():
+            assert torch.equal(buffers[name], tensor), name
+    assert torch.equal(built["greedy"][0], built["greedy"][1])

@@ -250,9 +250,16 @@ def wrap(learner, strategy: str) -> None:
     else:
         from torch.distributed.fsdp import fully_shard
 
+        from opd.learner import rank0_weights
+
+        from_rank0 = rank0_weights.any_rank_on_meta(learner.model)  # ranks > 0 built no weights
+        state = rank0_weights.rank0_state(learner.model) if from_rank0 else None
         for layer in _decoder_layers(learner.model):
             fully_shard(layer)
         wrapped = fully_shard(trunk)
+        if from_rank0:
+            rank0_weights.shard_from_rank0(learner.model, state, _collective_device())
+            del state  # rank 0's whole weights: only its shards stay
         # Sum, not average: see the module docstring. The root keeps its weights (head included)
         # after the forward, because the head runs after it.
         for module in wrapped.modules():
