@@ -7,7 +7,8 @@
 `grads`: one optimizer step of each loss (sampled reverse KL, exact reverse KL, SFT cross-entropy)
 with each strategy (ddp, fsdp2) on a fixed global batch of 8 rows, each rank holding its share;
 the gradients (gathered whole) are written by rank 0. `train`: a tiny run (tests/helpers.TINY_RUN);
-`--then sigint` sends Ctrl-C to rank R when step K begins, `--then die` ends rank R there (exit 3).
+`--then sigint` sends Ctrl-C to rank R when step K begins, `--then die` ends rank R there (exit 3),
+`--then kill-server --server-pgid G` kills the served teacher's process group there.
 """
 
 import argparse
@@ -121,7 +122,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rank", type=int)
     parser.add_argument("--at-step", type=int)
-    parser.add_argument("--then", choices=["sigint", "die"])
+    parser.add_argument("--then", choices=["sigint", "die", "kill-server"])
+    parser.add_argument("--server-pgid", type=int, help="--then kill-server: the served teacher's process group")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     if args.command == "grads":
@@ -146,6 +148,9 @@ def main() -> None:
             if step == args.at_step and distributed.rank() == args.rank:
                 if args.then == "die":
                     os._exit(3)
+                if args.then == "kill-server":  # kill -9 the served teacher (every process of it) before this step
+                    os.killpg(args.server_pgid, signal.SIGKILL)
+                    return run_step(cfg, components, step, *rest)
                 os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, to this rank only
             return run_step(cfg, components, step, *rest)
 

@@ -6,9 +6,6 @@ FSDP2 runs on gloo here (gradients are summed with a plain all-reduce / reduce-s
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,35 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import TINY_RUN
+from helpers import TINY_RUN, torchrun
 from opd.config import ConfigError, load_config
 from opd.learner import distributed
 from opd.learner.checkpoint import latest_checkpoint
 from opd.loop import train
 
 HERE = Path(__file__).resolve().parent
-WORKER = HERE / "distributed_worker.py"
 # A random teacher (no pretraining in every fresh process) and a small evaluation set.
 QUICK = ["teacher.tiny.pretrain_steps=0", "data.eval_holdout=4"]
 TIMING_KEYS = {"sample_s", "score_s", "train_s", "sync_s", "wall_s_total", "sample_s_total", "score_s_total", "train_s_total",
                "eval_s_total"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*args, nproc: int = 2, timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(WORKER), *map(str, args)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    if check:
-        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    return done
 
 
 def weights(run_dir: Path, step: int, lora: bool = False) -> dict:
