@@ -197,6 +197,12 @@ def write_results(path: Path, table: list[list[str]], args) -> None:
              f"rank holds. Timings on this shared machine are noise; read the memory columns.", "",
              "| " + " | ".join(table[0]) + " |", "|" + "|".join("---" for _ in table[0]) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    lines += ["", "Reading: `training peak` is each rank's ru_maxrss after its last step, before the final checkpoint; "
+              "the next columns include that checkpoint, which FSDP2 gathers to rank 0 (whole weights + AdamW "
+              "moments, written as one process's checkpoint) while one process writes from the tensors it holds. "
+              "`fsdp2/every-rank-loads` is FSDP2 with every rank reading the whole student before sharding it "
+              "(as before issue 33); `fsdp2` has rank 0 read it and the others receive their shards. While "
+              "sampling, FSDP2 gathers the whole student on every rank; the teacher is replicated."]
     path.write_text("\n".join(lines) + "\n")
 
 

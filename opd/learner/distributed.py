@@ -16,6 +16,8 @@ Everything the loop needs from the other processes is here, so that `opd.loop` s
   compute exactly the gradient of one rank holding the whole batch.
 * `combine_metrics` turns each rank's step metrics into the global batch's (counts summed,
   per-token means weighted by tokens); rank 0 alone writes the run directory.
+* FSDP2 loads on rank 0 only: the other ranks build the student on the meta device and `wrap`
+  sends them their shards (`opd.learner.rank0_weights`).
 * `save_checkpoint` is called by every rank: FSDP2 weights and optimizer state are gathered to
   rank 0, which writes the same Hugging Face checkpoint as one process would, plus every rank's
   RNG state, so `--resume` on the same number of processes continues bit-identically.

@@ -3,10 +3,11 @@ architecture on the meta device, and `fully_shard` + a broadcast from rank 0 giv
 its shard (`torch.distributed.checkpoint.state_dict.set_model_state_dict` with
 `full_state_dict=True, broadcast_from_rank0=True`).
 
-Measured per rank by benchmarks/memory.py (RESULTS_memory.md): with every rank loading the whole
-student, FSDP2's peak RSS per rank was above one process's; with this it falls with the number of
-ranks. What stays whole on every rank: the in-process teacher (replicated: serve a large one,
-`teacher.url`) and the student's weights while it samples (`distributed.gathered_for_inference`).
+Measured by `benchmarks/distributed.py --only mem` (benchmarks/RESULTS_memory.md): a rank other
+than 0 no longer holds the whole student while loading. What stays whole on every rank: the
+in-process teacher (replicated: serve a large one, `teacher.url`) and the student's weights while
+it samples (`distributed.gathered_for_inference`); on rank 0, the weights and AdamW state gathered
+to write a checkpoint.
 """
 
 from __future__ import annotations
