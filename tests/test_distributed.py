@@ -6,9 +6,6 @@ FSDP2 runs on gloo here (gradients are summed with a plain all-reduce / reduce-s
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,34 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import TINY_RUN, torchrun
 from opd.config import ConfigError, load_config
 from opd.learner import distributed
 from opd.learner.checkpoint import latest_checkpoint
 from opd.loop import train
 
 HERE = Path(__file__).resolve().parent
-WORKER = HERE / "distributed_worker.py"
 # A random teacher (no pretraining in every fresh process) and a small evaluation set.
 QUICK = ["teacher.tiny.pretrain_steps=0", "data.eval_holdout=4"]
 TIMING_KEYS = {"sample_s", "score_s", "train_s", "sync_s", "wall_s_total", "sample_s_total", "score_s_total", "train_s_total",
                "eval_s_total"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*args, nproc: int = 2, timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(WORKER), *map(str, args)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    if check:
-        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    return done
 
 
 def weights(run_dir: Path, step: int, lora: bool = False) -> dict:
@@ -210,3 +190,25 @@ def test_routed_teachers_under_ddp_route_every_ranks_share_and_resume_exactly(tm
     assert step["tokens/math"] + step["tokens/chat"] == pytest.approx(1.0) and step["tokens/chat"] > 0
     mean = step["tokens/math"] * step["teacher_kl/math"] + step["tokens/chat"] * step["teacher_kl/chat"]
     assert step["teacher_kl"] == pytest.approx(mean, rel=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fsdp2_rank0_alone_reads_the_student_and_every_rank_gets_its_weights(tmp_path, lora):
+    """FSDP2 (issue 33): rank 1 builds the student on the meta device (reads no weights) and receives
+    its shards from rank 0; the whole model, buffers included, is then exactly the one process's."""
+    from opd.components import build
+
+    extra = ["student.lora.rank=4"] if lora else []
+    torchrun("build", tmp_path / "built.pt", *extra)
+    built = torch.load(tmp_path / "built.pt")
+    assert built["read"] == [[True, True], [True, False]]  # (teacher, student) per rank: the teacher is replicated
+    torch.manual_seed(0)  # as the worker: LoRA's A matrices are drawn from the global generator
+    reference = build(load_config(None, [f"run_dir={tmp_path / 'one'}", *TINY_RUN, *extra])).learner.model
+    expected = reference.state_dict()
+    assert built["state"].keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(built["state"][name], tensor), name
+    for buffers in built["buffers"]:  # non-persistent buffers (rotary frequencies) too, on both ranks
+        for name, tensor in reference.named_buffers():
+            assert torch.equal(buffers[name], tensor), name
+    assert torch.equal(built["greedy"][0], built["greedy"][1])

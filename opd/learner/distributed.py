@@ -16,6 +16,8 @@ Everything the loop needs from the other processes is here, so that `opd.loop` s
   compute exactly the gradient of one rank holding the whole batch.
 * `combine_metrics` turns each rank's step metrics into the global batch's (counts summed,
   per-token means weighted by tokens); rank 0 alone writes the run directory.
+* FSDP2 loads on rank 0 only: the other ranks build the student on the meta device and `wrap`
+  sends them their shards (`opd.learner.rank0_weights`).
 * `save_checkpoint` is called by every rank: FSDP2 weights and optimizer state are gathered to
   rank 0, which writes the same Hugging Face checkpoint as one process would, plus every rank's
   RNG state, so `--resume` on the same number of processes continues bit-identically.
@@ -254,9 +256,16 @@ def wrap(learner, strategy: str) -> None:
     else:
         from torch.distributed.fsdp import fully_shard
 
+        from opd.learner import rank0_weights
+
+        from_rank0 = rank0_weights.any_rank_on_meta(learner.model)  # ranks > 0 built no weights
+        state = rank0_weights.rank0_state(learner.model) if from_rank0 else None
         for layer in _decoder_layers(learner.model):
             fully_shard(layer)
         wrapped = fully_shard(trunk)
+        if from_rank0:
+            rank0_weights.shard_from_rank0(learner.model, state, _collective_device())
+            del state  # rank 0's whole weights: only its shards stay
         # Sum, not average: see the module docstring. The root keeps its weights (head included)
         # after the forward, because the head runs after it.
         for module in wrapped.modules():
