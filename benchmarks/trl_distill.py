@@ -39,7 +39,9 @@ def main(spec_path: str, out_path: str) -> None:
     if [list(i) for i in ids] != spec["prompt_ids"]:
         sys.exit("TRL's tokenizer gives other prompt ids than opd's: the comparison would not be fair")
     student = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], dtype=torch.float32)
+    # TRL at its best where bf16 is native: mixed precision (bf16=True) and the teacher in bf16
+    bf16 = spec.get("bf16", False)
+    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], dtype=torch.bfloat16 if bf16 else torch.float32)
     peft_config = None
     if spec["lora_rank"]:
         from peft import LoraConfig
@@ -51,7 +53,7 @@ def main(spec_path: str, out_path: str) -> None:
         max_steps=spec["steps"], per_device_train_batch_size=spec["rows_per_step"], gradient_accumulation_steps=1,
         learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         adam_beta1=0.9, adam_beta2=0.98, max_grad_norm=1.0, optim="adamw_torch",
-        bf16=False, fp16=False, use_cpu=True, dataloader_num_workers=0, shuffle_dataset=False,
+        bf16=bf16, fp16=False, use_cpu=True, dataloader_num_workers=0, shuffle_dataset=False,
         gradient_checkpointing=spec["gradient_checkpointing"],
         beta=1.0, temperature=1.0, top_p=1.0, top_k=0, max_completion_length=spec["max_new_tokens"],
         disable_tqdm=True, seed=0,

@@ -135,10 +135,37 @@ class Reached:
     flops_with_data: float  # plus what writing the training data cost (SFT on teacher samples)
 
 
+def source_labels(run_dir: Path) -> list[str]:
+    """The eval set of each of a run's data.sources (eval/<label>/...); [] for a run of one source."""
+    import yaml
+
+    from opd.config import SourceConfig
+
+    path = Path(run_dir) / "config.yaml"
+    tree = yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
+    return [SourceConfig.model_validate(entry).label for entry in (tree.get("data") or {}).get("sources") or []]
+
+
+def with_overall_accuracy(rows: list[dict], sources: list[str]) -> list[dict]:
+    """A run over several sources logs eval/<source>/accuracy and no eval/accuracy: give each of its
+    evaluations the mean over its sources (every skill counts alike, whatever its weight in training),
+    so that it compares with other runs by one number; the sources' own stay beside it."""
+    if not sources:
+        return rows
+    out = []
+    for r in rows:
+        per_source = [r.get(f"eval/{s}/accuracy") for s in sources]
+        if "eval/accuracy" not in r and all(a is not None for a in per_source):
+            r = {**r, "eval/accuracy": sum(per_source) / len(per_source)}
+        out.append(r)
+    return out
+
+
 def eval_rows(run_dir: Path) -> list[dict]:
     from opd.run_dir import read_metrics
 
-    return [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "eval/accuracy" in r]
+    rows = with_overall_accuracy(read_metrics(Path(run_dir) / "metrics.jsonl"), source_labels(run_dir))
+    return [r for r in rows if "eval/accuracy" in r]
 
 
 def mean_rows(run_dirs: list[Path]) -> list[dict]:
@@ -146,7 +173,7 @@ def mean_rows(run_dirs: list[Path]) -> list[dict]:
     logged, the mean of each number they all logged (one run: its rows as they are)."""
     from opd.run_dir import read_metrics
 
-    per_run = [read_metrics(Path(d) / "metrics.jsonl") for d in run_dirs]
+    per_run = [with_overall_accuracy(read_metrics(Path(d) / "metrics.jsonl"), source_labels(d)) for d in run_dirs]
     if len(per_run) == 1:
         return per_run[0]
     by_step = [{r["step"]: r for r in rows} for rows in per_run]
@@ -218,6 +245,10 @@ def method_row(name: str, run_dir: Path | list[Path], target: float | None, extr
         "best_accuracy": max(r["eval/accuracy"] for r in rows) if rows else None,
         "steps": max(s["steps_done"] for s in summaries),
         "lm_eval": benchmark_scores(all_rows),  # the harness's last scores (eval.lm_eval), {} when none
+        # data.sources: each source's final and best accuracy (eval/<source>/accuracy), {} for one source
+        "sources": {s: {"final_accuracy": per[-1], "best_accuracy": max(per)}
+                    for s in source_labels(run_dirs[0])
+                    if (per := [r[f"eval/{s}/accuracy"] for r in rows if f"eval/{s}/accuracy" in r])},
         **reached,
         "flops_total": mean("flops_total"),
         "flops_total_with_data": mean("flops_total_with_data"),
@@ -395,6 +426,17 @@ def print_comparison(comparison: dict, console: Console, title_prefix: str = "")
         for r in rows:
             benchmarks.add_row(label(r), *(_number(r.get("lm_eval", {}).get(n)) for n in names))
         console.print(benchmarks)
+    sources = sorted({k for r in rows for k in r.get("sources", {})})
+    if sources:  # data.sources: each skill's accuracy (a run's overall accuracy is their mean)
+        per_source = Table(title="per source: final accuracy (best)")
+        per_source.add_column("")
+        for name in sources:
+            per_source.add_column(name, justify="right")
+        for r in rows:
+            got = r.get("sources", {})
+            per_source.add_row(label(r), *(f"{got[n]['final_accuracy']:.3f} ({got[n]['best_accuracy']:.3f})"
+                                           if n in got else "-" for n in sources))
+        console.print(per_source)
     console.print("accuracy: sampled pass@1 on held-out problems; FLOPs: student + teacher, training steps only "
                   "(\"data paid\" adds the teacher's sampling of SFT's data); wall time: training steps, SFT's "
                   "including the teacher's sampling")

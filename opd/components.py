@@ -16,7 +16,7 @@ from rich.console import Console
 from opd.config import ConfigError, ModelConfig, RunConfig
 from opd.context_check import check_context
 from opd.data.sources import RunData, load_data
-from opd.learner import distributed
+from opd.learner import distributed, rank0_weights
 from opd.learner.learner import Learner
 from opd.models import load_model, load_tokenizer, pick_device
 from opd.objectives import objective_of
@@ -183,11 +183,15 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
                               f"task.name, data.grader, or a `grader` field in each record")
     teacher = load_teachers(cfg, device, student_tokenizer)
     try:
-        student, tokenizer = load_model(cfg.student, device, student_tokenizer)
+        # FSDP2 under torchrun: rank 0 alone reads the student's weights; the others build it on the
+        # meta device and receive their shards in distributed.wrap (rank0_weights)
+        whole = rank0_weights.whole_on_this_rank(cfg.train.strategy)
+        student, tokenizer = load_model(cfg.student, device, student_tokenizer, weights=whole)
         learner = Learner(student, cfg.optim, cfg.loss, cfg.train.steps, cfg.train.micro_batch_size,
-                          objective_of(cfg.loss, cfg.on_policy), cfg.train.compute_dtype)
-        learner.verify(len(tokenizer))
-        warn_if_same_model(cfg, student, getattr(teacher, "model", None), len(tokenizer))  # an in-process teacher's
+                          objective_of(cfg.loss, cfg.on_policy), cfg.train.compute_dtype, device=device)
+        if whole:  # rank 0's checks hold for the weights it sends
+            learner.verify(len(tokenizer))
+            warn_if_same_model(cfg, student, getattr(teacher, "model", None), len(tokenizer))  # an in-process teacher's
         check_every_output_size(learner, teacher, learner.exact)  # exact losses: refused here
         check_context(cfg, data, student, teacher)
     except BaseException:

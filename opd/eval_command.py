@@ -20,7 +20,7 @@ from opd.evaluation import evaluate_prompts
 from opd.hardware import set_threads
 from opd.learner.checkpoint import has_trainer_state, latest_checkpoint
 from opd.learner.learner import Learner
-from opd.loop import seed_everything
+from opd.resume import seed_everything
 from opd.models import load_model, load_tokenizer, pick_device
 from opd.sampler import with_env
 from opd.sampler.hf import HFSampler

@@ -9,14 +9,18 @@ so that training and evaluation measure the same way.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
 
 from opd.advantages import teacher_kl
-from opd.config import EvalConfig
+from opd.config import EvalConfig, RunConfig
 from opd.roles import Learner, Sampler, Teacher, TeacherScores, check_output_sizes
 from opd.rollouts import Rollouts
 from opd.tasks import Grade, grade, is_graded
+
+if TYPE_CHECKING:  # annotations only
+    from opd.components import Components
 
 
 def completion_text(tokenizer, tokens_T: torch.Tensor, completion_mask_T: torch.Tensor) -> str:
@@ -192,3 +196,30 @@ def teacher_ceiling(prompts: list, teacher_sampler: Sampler, cfg: EvalConfig, ma
     metrics, _ = evaluate_prompts(prompts, teacher_sampler, cfg, max_new_tokens, default_grader=default_grader)
     graded = ("accuracy", "instruction_accuracy")
     return {f"teacher_{k}": v for k, v in metrics.items() if k in graded or k.startswith("check/")}
+
+
+def evaluate_sets(components: Components, cfg: RunConfig) -> dict:
+    """The run's evaluation, on every eval set: the run's own (metrics eval/...) and each of
+    eval.tasks (eval/<task>/...)."""
+    out = {}
+    for name, prompts in components.data.eval_sets.items():
+        metrics, _ = evaluate_prompts(prompts, components.sampler, cfg.eval,
+                                      cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, components.teacher,
+                                      cfg.data.grader, components.learner)
+        prefix = f"eval/{name}/" if name else "eval/"
+        out.update({prefix + k: v for k, v in metrics.items()})
+    return out
+
+
+def evaluate_teacher(components: Components, cfg: RunConfig) -> dict:
+    """The teacher's own accuracy on every eval set (eval/teacher_accuracy, eval/<task>/teacher_...),
+    once at step 0: the ceiling the student's curves are read against. {} without an in-process teacher."""
+    if components.teacher_sampler is None or not cfg.eval.teacher_accuracy:
+        return {}
+    out = {}
+    for name, prompts in components.data.eval_sets.items():
+        metrics = teacher_ceiling(prompts, components.teacher_sampler, cfg.eval,
+                                  cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens, cfg.data.grader)
+        prefix = f"eval/{name}/" if name else "eval/"
+        out.update({prefix + k: v for k, v in metrics.items()})
+    return out

@@ -76,12 +76,16 @@ def load_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerBase:
     return _tokenizer_from(_resolve_directory(spec))
 
 
-def load_model(spec: ModelConfig, device: torch.device,
-               tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(spec: ModelConfig, device: torch.device, tokenizer: PreTrainedTokenizerBase | None = None,
+               weights: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer for one role, on `device`, in `spec.dtype`, LoRA applied if asked.
-    `tokenizer`: this model's, already loaded by `load_tokenizer` (to compare tokenizers first)."""
+    `tokenizer`: this model's, already loaded by `load_tokenizer` (to compare tokenizers first).
+    `weights=False`: the architecture only, on the meta device (no memory, no weights read): what
+    ranks other than 0 build under FSDP2 before rank 0's weights are sharded onto them."""
     _no_url(spec, "load_model")
     dtype = DTYPES[spec.dtype]
+    if not weights:
+        return _meta_model(spec, dtype, tokenizer), tokenizer or load_tokenizer(spec)
     if spec.tiny is not None:
         from opd.tiny import build_tiny_model
 
@@ -100,6 +104,24 @@ def load_model(spec: ModelConfig, device: torch.device,
     if spec.lora is not None:
         model = apply_lora(model, spec.lora, base_name=user_model_name(spec))
     return model, tokenizer
+
+
+def _meta_model(spec: ModelConfig, dtype: torch.dtype, tokenizer) -> PreTrainedModel:
+    """The model `load_model` would build, on the meta device (a pretrained tiny model has the
+    architecture of a random one)."""
+    with torch.device("meta"):
+        if spec.tiny is not None:
+            from opd.tiny import _random_tiny_model
+
+            model = _random_tiny_model(spec.tiny, tokenizer or load_tokenizer(spec)).to(dtype)
+        else:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(_resolve_directory(spec), local_files_only=True)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if spec.lora is not None:
+        model = apply_lora(model, spec.lora, base_name=user_model_name(spec))
+    return model
 
 
 def user_model_name(spec: ModelConfig) -> str | None:

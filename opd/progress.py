@@ -86,3 +86,17 @@ def stage_progress(label: str, console: Console, disable: bool = False, unit: st
         return LineProgress(label, console, unit=unit, disable=disable)
     return Progress(TextColumn(f"[bold]{label}[/bold]"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console, disable=disable)
+
+
+def status_line(metrics: dict) -> str:
+    """The progress bar's figures: of this step's training batch (held-out ones are in the tables)."""
+    parts = []
+    if "teacher_kl" in metrics:
+        parts.append(f"teacher KL {metrics['teacher_kl']:.4f}")
+    if "accuracy" in metrics:
+        parts.append(f"train-batch accuracy {metrics['accuracy']:.3f}")
+    if "cross_entropy" in metrics:
+        parts.append(f"loss {metrics['cross_entropy']:.4f}")
+    if "completion_len" in metrics:
+        parts.append(f"len {metrics['completion_len']:.1f}")
+    return "  ".join(parts)

@@ -30,7 +30,7 @@ def write_teacher_samples(cfg: RunConfig, out: Path, split: str = "train", only_
     them to `out`. With `only_correct`, keep the completions the grader scores 1 (rejection
     sampling); the cost of the rejected ones is spread over the kept ones, since it was paid."""
     from opd.data.sources import prompt_records
-    from opd.loop import seed_everything
+    from opd.resume import seed_everything
 
     if cfg.teacher is None:
         raise ConfigError("opd sample needs a `teacher` (the model that writes the completions)")

@@ -7,7 +7,8 @@
 `grads`: one optimizer step of each loss (sampled reverse KL, exact reverse KL, SFT cross-entropy)
 with each strategy (ddp, fsdp2) on a fixed global batch of 8 rows, each rank holding its share;
 the gradients (gathered whole) are written by rank 0. `train`: a tiny run (tests/helpers.TINY_RUN);
-`--then sigint` sends Ctrl-C to rank R when step K begins, `--then die` ends rank R there (exit 3).
+`--then sigint` sends Ctrl-C to rank R when step K begins, `--then die` ends rank R there (exit 3),
+`--then kill-server --server-pgid G` kills the served teacher's process group there.
 """
 
 import argparse
@@ -81,9 +82,39 @@ def one_step_gradients(objective: str, strategy: str, device=torch.device("cpu")
     return captured
 
 
+def built_shards(path, overrides) -> None:
+    """`build` under FSDP2: which ranks read the student's weights, and the whole model (weights and
+    buffers) as every rank holds it after sharding, written by rank 0."""
+    import opd.components
+    from opd.learner.distributed import full_model_state
+
+    read = []
+    load_model = opd.components.load_model
+
+    def recording(spec, device, tokenizer=None, weights=True):
+        read.append(weights)
+        return load_model(spec, device, tokenizer, weights=weights)
+
+    opd.components.load_model = recording
+    cfg = load_config(None, [f"run_dir={path}.run", *TINY_RUN, "train.strategy=fsdp2", *overrides])
+    torch.manual_seed(0 if distributed.is_main() else 1)  # LoRA's initial A: rank 0's must be what every rank gets
+    components = opd.components.build(cfg)
+    learner = components.learner
+    state = full_model_state(learner)
+    buffers = distributed.gather_objects({n: b.cpu() for n, b in learner.model.named_buffers()})
+    read_by = distributed.gather_objects(read)
+    probe = components.tokenizer("1 + 1 =").input_ids  # the sampler gathers the shards: the same model on every rank
+    greedy = components.sampler.sample([probe], samples_per_prompt=1, max_new_tokens=4, greedy=True).tokens
+    greedy = distributed.gather_objects(greedy.cpu())
+    if distributed.is_main():
+        torch.save({"read": read_by, "state": state, "buffers": buffers, "greedy": greedy}, path)
+    components.close()
+    distributed.shutdown(learner)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["grads", "train"])
+    parser.add_argument("command", choices=["grads", "train", "build"])
     parser.add_argument("path")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--stop-after", type=int)
@@ -91,7 +122,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rank", type=int)
     parser.add_argument("--at-step", type=int)
-    parser.add_argument("--then", choices=["sigint", "die"])
+    parser.add_argument("--then", choices=["sigint", "die", "kill-server"])
+    parser.add_argument("--server-pgid", type=int, help="--then kill-server: the served teacher's process group")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     if args.command == "grads":
@@ -103,6 +135,10 @@ def main() -> None:
             torch.save(results, args.path)
         distributed.shutdown()
         return
+    if args.command == "build":
+        distributed.init(torch.device(args.device))
+        built_shards(args.path, args.overrides)
+        return
     import opd.loop
 
     if args.then:
@@ -112,6 +148,9 @@ def main() -> None:
             if step == args.at_step and distributed.rank() == args.rank:
                 if args.then == "die":
                     os._exit(3)
+                if args.then == "kill-server":  # kill -9 the served teacher (every process of it) before this step
+                    os.killpg(args.server_pgid, signal.SIGKILL)
+                    return run_step(cfg, components, step, *rest)
                 os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, to this rank only
             return run_step(cfg, components, step, *rest)
 

@@ -1,5 +1,11 @@
 """Small builders shared by the tests."""
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 from opd.config import SamplingConfig, TinyModelConfig
 from opd.sampler.hf import HFSampler
 from opd.tiny import build_tiny_model, build_tiny_tokenizer
@@ -30,3 +36,25 @@ TINY_RUN = [
     "train.micro_batch_size=8", "optim.lr=3e-3", "optim.warmup_steps=2",
     "eval.every=0", "log.progress=false", "log.tensorboard=false", "checkpoint.every=0",
 ]
+
+
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, nproc: int = 2, timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc-per-node N tests/distributed_worker.py ARGS` on
+    127.0.0.1 and a free port, with a timeout (this interpreter: .venv or .venv-vllm)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(WORKER), *map(str, args)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    if check:
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from opd.compare import add_common_target, config_key, method_row, reach
 from opd.config import load_config
 
@@ -74,3 +76,30 @@ def test_seeds_of_one_config_are_one_row_of_their_mean_curve(tmp_path):
     assert row["seeds"] == 2 and row["start_accuracy"] == 0.2
     assert row["final_accuracy"] == row["best_accuracy"] == 0.5  # the mean curve: 0.2, 0.5, 0.5
     assert row["steps_to_target"] == 5 and row["flops_total"] == 100.5 and row["wall_s"] == 1.0
+
+
+def test_a_run_over_several_sources_compares_by_their_mean_and_keeps_each(tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from opd.compare import print_comparison
+
+    run = tmp_path / "routed"
+    run.mkdir()
+    (run / "config.yaml").write_text("method: distill\ndata:\n  sources:\n  - {task: arithmetic, teacher: math}\n"
+                                     "  - {prompts: data/chat.jsonl, name: chat, teacher: chat}\n")
+    rows = [{"step": 5 * i, "eval/arithmetic/accuracy": a, "eval/chat/accuracy": c, "flops_total": 10.0 * i,
+             "flops_total_with_data": 10.0 * i} for i, (a, c) in enumerate([(0.2, 0.4), (0.6, 0.3), (0.5, 0.5)])]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "summary.json").write_text(json.dumps({"steps_done": 10, "flops_total": 20.0,
+                                                  "flops_total_with_data": 20.0, "wall_s_total": 1.0}))
+    row = method_row("routed", run, target=0.46)
+    assert row["start_accuracy"] == pytest.approx(0.3) and row["final_accuracy"] == pytest.approx(0.5)
+    assert row["steps_to_target"] == 10  # the means are 0.3, 0.45, 0.5
+    assert row["sources"] == {"arithmetic": {"final_accuracy": 0.5, "best_accuracy": 0.6},
+                              "chat": {"final_accuracy": 0.5, "best_accuracy": 0.5}}
+    out = StringIO()
+    print_comparison({"target": None, "common_target": None, "teacher_accuracy": None, "target_fraction": 0.95,
+                      "table": [row]}, Console(file=out, width=120))
+    assert "per source" in out.getvalue() and "0.500 (0.600)" in out.getvalue()

@@ -464,3 +464,41 @@ def test_dropped_rows_and_chunks_over_the_cap_get_no_signal_and_are_counted():
     assert adv[2, quiet] == 0 and adv[2, eos] != 0
     # no signal: the token's KL estimate is 0 in the per-token view too
     assert scores.logprobs[0, river] == batch.behaviour_logprobs[0, river]
+
+
+def test_a_cross_teachers_ceiling_samples_its_own_rendering_of_each_prompt(tiny_config, tmp_path):
+    """The teacher as a sampler in cross mode renders each prompt from its record with its own template
+    and samples in its own tokens (with one tokenizer: exactly the same-mode teacher's samples); a
+    run logs its ceiling, eval/teacher_accuracy, at step 0."""
+    from opd.config import SamplingConfig
+    from opd.loop import train
+    from opd.run_dir import read_metrics
+    from opd.teacher.hf import HFTeacher
+    from opd.tiny import TinyModelConfig, build_tiny_model
+
+    student_tok, teacher_tok = tokenizer(STUDENT), tokenizer(TEACHER)
+    texts = ["what is 2 + 3?", "say something nice"]
+    records = [{"messages": [{"role": "user", "content": t}]} for t in texts]
+
+    def prompts_for(tok):
+        ids = [tok.apply_chat_template(r["messages"], add_generation_prompt=True, return_dict=True)["input_ids"]
+               for r in records]
+        return [Prompt(list(i), t, r) for i, t, r in zip(ids, texts, records)]
+
+    sampling = SamplingConfig(max_new_tokens=6, samples_per_prompt=2)
+    for tok, rendered in ((student_tok, student_tok), (teacher_tok, teacher_tok)):
+        model = build_tiny_model(TinyModelConfig(hidden_size=32, seed=3, vocab_size=len(tok)), tok)
+        own = HFTeacher(model, tok).as_sampler(sampling)
+        cross = CrossTokenizerTeacher(HFTeacher(model, tok), tok, student_tok).as_sampler(sampling)
+        assert cross.tokenizer is tok
+        student_prompts = prompts_for(student_tok)
+        torch.manual_seed(0)
+        a = cross.sample([p.ids for p in student_prompts], prompts=student_prompts)
+        torch.manual_seed(0)
+        b = own.sample([p.ids for p in prompts_for(rendered)], prompts=prompts_for(rendered))
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.completion_mask, b.completion_mask)
+
+    args = ["train.steps=1", "teacher.tiny.pretrain_steps=0", "task.name=arithmetic", "task.train_size=16",
+            "task.eval_size=8", "teacher.tokenizer_mode=cross", "teacher.tiny.vocab_size=400"]
+    train(tiny_config(*args, run_dir=tmp_path / "other"))
+    assert 0.0 <= read_metrics(tmp_path / "other" / "metrics.jsonl")[0]["eval/teacher_accuracy"] <= 1.0

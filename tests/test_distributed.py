@@ -6,9 +6,6 @@ FSDP2 runs on gloo here (gradients are summed with a plain all-reduce / reduce-s
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,34 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import TINY_RUN, torchrun
 from opd.config import ConfigError, load_config
 from opd.learner import distributed
 from opd.learner.checkpoint import latest_checkpoint
 from opd.loop import train
 
 HERE = Path(__file__).resolve().parent
-WORKER = HERE / "distributed_worker.py"
 # A random teacher (no pretraining in every fresh process) and a small evaluation set.
 QUICK = ["teacher.tiny.pretrain_steps=0", "data.eval_holdout=4"]
 TIMING_KEYS = {"sample_s", "score_s", "train_s", "sync_s", "wall_s_total", "sample_s_total", "score_s_total", "train_s_total",
                "eval_s_total"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*args, nproc: int = 2, timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(WORKER), *map(str, args)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    if check:
-        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    return done
 
 
 def weights(run_dir: Path, step: int, lora: bool = False) -> dict:
@@ -77,6 +57,12 @@ def test_step_metrics_are_of_the_global_batch(monkeypatch):
     assert combined == {"tokens": 40, "teacher_kl": 1.5, "completion_len": 8.0, "loss": 0.5, "skipped": 0,
                         "flops_train": 150, "sample_s": 3.0, "groups_all_equal": 1}
     assert isinstance(combined["skipped"], int)
+    # several teachers: a teacher with rows on one rank only still shows; its KL is over its own tokens
+    ranks = [{"tokens": 30, "tokens/math": 1.0, "teacher_kl/math": 2.0, "tokens/chat": 0.0},
+             {"tokens": 10, "tokens/math": 0.5, "teacher_kl/math": 4.0, "tokens/chat": 0.5, "teacher_kl/chat": 1.0}]
+    combined = distributed.combine_metrics(ranks[0])
+    assert combined == pytest.approx({"tokens": 40, "tokens/math": 35 / 40, "teacher_kl/math": (60 + 20) / 35,
+                                      "tokens/chat": 5 / 40, "teacher_kl/chat": 1.0})
 
 
 def test_one_step_gradients_of_two_ranks_equal_one_rank(tmp_path):
@@ -182,3 +168,47 @@ def test_nccl_gradients_of_two_ranks_equal_one_rank(tmp_path):
         reference = one_step_gradients(key.split("/")[0], "ddp", torch.device("cuda"))
         for name in reference:
             assert torch.allclose(grads[name], reference[name], rtol=1e-4, atol=1e-6), (key, name)
+
+
+def test_routed_teachers_under_ddp_route_every_ranks_share_and_resume_exactly(tmp_path):
+    """Several teachers under torchrun: each rank routes the rows of its share to their teachers; the
+    per-teacher metrics are of the global batch, and a run stopped and resumed ends bit-identical."""
+    sys.path.insert(0, str(HERE))
+    from test_teacher_router import SOURCES, SMALL_TASKS, TWO_TEACHERS
+
+    settings = ["teacher=null", *TWO_TEACHERS, "teachers.math.tiny.pretrain_steps=0",
+                "teachers.chat.tiny.pretrain_steps=0", SOURCES, *SMALL_TASKS, "train.steps=3", "train.strategy=ddp",
+                "log.rollouts_every=0", "eval.every=0"]
+    torchrun("train", tmp_path / "straight", *settings)
+    torchrun("train", tmp_path / "split", "--stop-after", 2, *settings)
+    torchrun("train", tmp_path / "split", "--resume", *settings)
+    a, b = weights(tmp_path / "straight", 3), weights(tmp_path / "split", 3)
+    assert a.keys() == b.keys() and a and all(torch.equal(a[n], b[n]) for n in a)
+    rows = metrics(tmp_path / "straight")
+    assert rows == metrics(tmp_path / "split")
+    step = rows[1]
+    assert step["tokens/math"] + step["tokens/chat"] == pytest.approx(1.0) and step["tokens/chat"] > 0
+    mean = step["tokens/math"] * step["teacher_kl/math"] + step["tokens/chat"] * step["teacher_kl/chat"]
+    assert step["teacher_kl"] == pytest.approx(mean, rel=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fsdp2_rank0_alone_reads_the_student_and_every_rank_gets_its_weights(tmp_path, lora):
+    """FSDP2 (issue 33): rank 1 builds the student on the meta device (reads no weights) and receives
+    its shards from rank 0; the whole model, buffers included, is then exactly the one process's."""
+    from opd.components import build
+
+    extra = ["student.lora.rank=4"] if lora else []
+    torchrun("build", tmp_path / "built.pt", *extra)
+    built = torch.load(tmp_path / "built.pt")
+    assert built["read"] == [[True, True], [True, False]]  # (teacher, student) per rank: the teacher is replicated
+    torch.manual_seed(0)  # as the worker: LoRA's A matrices are drawn from the global generator
+    reference = build(load_config(None, [f"run_dir={tmp_path / 'one'}", *TINY_RUN, *extra])).learner.model
+    expected = reference.state_dict()
+    assert built["state"].keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(built["state"][name], tensor), name
+    for buffers in built["buffers"]:  # non-persistent buffers (rotary frequencies) too, on both ranks
+        for name, tensor in reference.named_buffers():
+            assert torch.equal(buffers[name], tensor), name
+    assert torch.equal(built["greedy"][0], built["greedy"][1])

@@ -179,7 +179,7 @@ def test_bf16_sampler_in_a_run_with_the_bf16_learner(tmp_path):
 
 
 def test_recompute_behaviour_weights_each_token_by_the_capped_ratio(student_batch, tmp_path):
-    from opd.loop import recompute_behaviour
+    from opd.prefetch import recompute_behaviour
 
     model, _, rollouts = student_batch
     learner = Learner(model, OptimConfig(), LossConfig(chunk_size=5), total_steps=1, micro_batch_size=5)

@@ -93,3 +93,20 @@ def test_bf16_levers_are_skipped_on_a_cpu_without_bf16_units():
     assert skipped == ["vLLM sampler bf16", "sampler bf16", "teacher bf16", "learner bf16"]
     assert kept == ["vLLM sampler", "max_staleness 1", "micro-batch 8"]
     assert {"cpu", "flags", "native_bf16"} <= set(vs_trl.MACHINE)
+
+
+def test_ratios_are_against_trl_at_its_best_and_bf16_runs_only_where_native():
+    vs_trl = _vs_trl()
+    assert vs_trl.trl_variants(native_bf16=False) == ["TRL fp32"]  # emulated bf16 would be a straw man
+    assert vs_trl.trl_variants(native_bf16=True) == ["TRL fp32", "TRL bf16"]
+    results = {"TRL fp32": {"tokens_per_s": 900.0, "rss_mib": 800.0},
+               "TRL bf16": {"tokens_per_s": 1300.0, "rss_mib": 600.0}}
+    best = vs_trl.best_trl(results)
+    assert best["variant"] == "TRL bf16" and best["tokens_per_s"] == 1300.0
+    results["TRL"] = best
+    results["opd best"] = {"tokens_per_s": 2600.0, "rss_mib": 420.0, "s_per_step": 1.0, "kl_first": 0.1,
+                           "kl_last": 0.05}
+    for name in ("TRL fp32", "TRL bf16", "TRL"):
+        results[name].update(s_per_step=1.0, kl_first=0.1, kl_last=0.05)
+    _, ratios = vs_trl.pair_section("small", [results], {"float32": 100.0}, {"student": "s", "teacher": "t"}, [], {})
+    assert ratios["opd best"] == {"speed": [2.0], "memory": [0.7]}

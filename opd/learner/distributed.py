@@ -16,6 +16,8 @@ Everything the loop needs from the other processes is here, so that `opd.loop` s
   compute exactly the gradient of one rank holding the whole batch.
 * `combine_metrics` turns each rank's step metrics into the global batch's (counts summed,
   per-token means weighted by tokens); rank 0 alone writes the run directory.
+* FSDP2 loads on rank 0 only: the other ranks build the student on the meta device and `wrap`
+  sends them their shards (`opd.learner.rank0_weights`).
 * `save_checkpoint` is called by every rank: FSDP2 weights and optimizer state are gathered to
   rank 0, which writes the same Hugging Face checkpoint as one process would, plus every rank's
   RNG state, so `--resume` on the same number of processes continues bit-identically.
@@ -168,14 +170,18 @@ def combine_metrics(metrics: dict) -> dict:
     every = gather_objects(metrics)
     tokens = [m.get("tokens", 0) for m in every]
     combined = {}
-    for key in metrics:
+    # Every rank's keys: a teacher of several may have rows on one rank only (teacher_kl/<name>).
+    for key in dict.fromkeys(k for m in every for k in m):
         values = [m[key] for m in every if key in m]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             combined[key] = values[0]
-        elif key in SUMMED or key.startswith("flops_") or key.endswith("_s"):
-            combined[key] = sum(values)
-        elif key in TOKEN_MEANS:
-            combined[key] = sum(m[key] * t for m, t in zip(every, tokens)) / max(sum(tokens), 1)
+        elif key in TOKEN_MEANS or key.startswith("tokens/"):  # tokens/<name>: a share of the rank's tokens
+            combined[key] = sum(m.get(key, 0.0) * t for m, t in zip(every, tokens)) / max(sum(tokens), 1)
+        elif key.startswith("teacher_kl/"):  # a mean over the named teacher's tokens on each rank
+            weights = [t * m.get("tokens/" + key.removeprefix("teacher_kl/"), 0.0) for m, t in zip(every, tokens)]
+            combined[key] = sum(m[key] * w for m, w in zip(every, weights) if key in m) / max(sum(weights), 1e-12)
+        elif (base := key.split("/")[0]) in SUMMED or base.startswith("flops_") or base.endswith("_s"):
+            combined[key] = sum(values)  # counts and times; <counter>/<name>: one teacher's of several
         elif all(v == values[0] for v in values):
             combined[key] = values[0]  # the same on every rank (the learner's metrics): kept exactly
         else:
@@ -250,9 +256,16 @@ def wrap(learner, strategy: str) -> None:
     else:
         from torch.distributed.fsdp import fully_shard
 
+        from opd.learner import rank0_weights
+
+        from_rank0 = rank0_weights.any_rank_on_meta(learner.model)  # ranks > 0 built no weights
+        state = rank0_weights.rank0_state(learner.model) if from_rank0 else None
         for layer in _decoder_layers(learner.model):
             fully_shard(layer)
         wrapped = fully_shard(trunk)
+        if from_rank0:
+            rank0_weights.shard_from_rank0(learner.model, state, _collective_device())
+            del state  # rank 0's whole weights: only its shards stay
         # Sum, not average: see the module docstring. The root keeps its weights (head included)
         # after the forward, because the head runs after it.
         for module in wrapped.modules():

@@ -42,7 +42,7 @@ class Learner:
     """The trained model and its optimizer, in this process (`opd.roles.Learner`)."""
 
     def __init__(self, model, optim: OptimConfig, loss: LossConfig, total_steps: int, micro_batch_size: int,
-                 objective: str | None = None, compute_dtype: str = "float32"):
+                 objective: str | None = None, compute_dtype: str = "float32", device: torch.device | None = None):
         self.objective = objective or objective_of(loss)
         self.objective_impl = objectives.build(self.objective, loss)  # what a step minimises
         self.model = model
@@ -53,7 +53,7 @@ class Learner:
         self.micro_batch_size = micro_batch_size
         # train.compute_dtype: the forward passes' products in bf16 (weights and optimizer stay fp32)
         self.compute_dtype = compute_dtype
-        autocast.prepare(model, compute_dtype, self.device)
+        autocast.prepare(model, compute_dtype, device or self.device)  # `device`: where a meta model will live
         self.total_steps = total_steps
         self.optim_cfg = optim
         self.rebuild_optimizer()
@@ -135,6 +135,8 @@ class Learner:
         finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
+            if distributed.is_sharded(self):  # FSDP2: no gradients held while the next batch is sampled
+                self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.zero_grad(set_to_none=True)
         # The schedule follows the step count either way, so a skipped step does not shift it.

@@ -167,9 +167,36 @@ class CrossTokenizerTeacher:
         """The inner teacher was verified against its own vocabulary when loaded; the student's
         vocabulary has nothing to match here."""
 
-    def as_sampler(self, sampling) -> None:
-        """No ceiling: the teacher would sample in its own tokenizer, and the eval decodes the student's."""
-        return None
+    def as_sampler(self, sampling) -> "TeacherTemplateSampler | None":
+        """The teacher sampling in its own tokenizer, each prompt rendered with its own chat template
+        (for its ceiling on the eval sets: graded on the text, decoded by its tokenizer); None for a
+        served teacher."""
+        inner = self.inner.as_sampler(sampling)
+        return None if inner is None else TeacherTemplateSampler(inner, self.teacher_tokenizer)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class TeacherTemplateSampler:
+    """A `Sampler` over a teacher of another tokenizer: the prompts given are the student's ids, so
+    each is rendered again from its record (or text) as the teacher sees it, and the completions are
+    in the teacher's tokens (`tokenizer` is the teacher's: graders decode with it)."""
+
+    def __init__(self, inner, teacher_tokenizer):
+        self.inner = inner
+        self.tokenizer = teacher_tokenizer
+
+    def sample(self, prompt_ids, samples_per_prompt=None, max_new_tokens=None, prompts=None, greedy=False,
+               seed=None) -> Rollouts:
+        if prompts is None:
+            raise ValueError("a teacher of another tokenizer samples from the prompts' records or text, not "
+                             "from the student's ids")
+        ids = [teacher_prompt_ids(self.tokenizer, getattr(p, "record", None), p.text) for p in prompts]
+        return self.inner.sample(ids, samples_per_prompt, max_new_tokens, prompts, greedy, seed)
+
+    def sync_weights(self) -> None:
+        """The teacher is fixed."""
 
     def close(self) -> None:
         self.inner.close()
