@@ -47,6 +47,13 @@ def multi_turn(student):
     return episodes(student)
 
 
+@pytest.fixture(scope="module")
+def teacher_scores(multi_turn):
+    batch, tok = multi_turn
+    teacher_model, _ = tiny(hidden=48, seed=5, init_std=0.2)
+    return HFTeacher(teacher_model, tok, chunk_size=5).score(batch, keep_hidden=True)
+
+
 def prompts_of(tok, texts):
     from opd.data import Prompt
     return [Prompt(ids, t, {"messages": [{"role": "user", "content": t}]}) for ids, t in zip(chat_ids(tok, texts), texts)]
@@ -140,11 +147,9 @@ def test_token_limit_truncates_and_is_counted(student):
 
 
 @pytest.mark.parametrize("kind", ["sampled_reverse_kl", "reverse_kl", "forward_kl", "jsd", "cross_entropy"])
-def test_every_loss_has_exactly_zero_gradient_on_environment_tokens(student, multi_turn, kind):
+def test_every_loss_has_exactly_zero_gradient_on_environment_tokens(student, multi_turn, teacher_scores, kind):
     batch, tok = multi_turn
-    teacher_model, _ = tiny(hidden=48, seed=5, init_std=0.2)
-    scores = HFTeacher(teacher_model, tok, chunk_size=5).score(batch, keep_hidden=kind not in ("sampled_reverse_kl",
-                                                                                              "cross_entropy"))
+    scores = teacher_scores
     objective = "cross_entropy" if kind == "cross_entropy" else None
     loss_kind = "sampled_reverse_kl" if kind == "cross_entropy" else kind
     advantages = compute_advantages(batch.loss_mask, batch.behaviour_logprobs, scores.logprobs,
