@@ -68,6 +68,8 @@ class EpisodeSampler:
         self.tokenizer = inner.tokenizer
 
     def __getattr__(self, name):  # device, cfg, ... of the inner sampler
+        if name == "inner":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def sync_weights(self) -> None:
