@@ -171,8 +171,8 @@ def test_output_heads_of_different_sizes(tiny_config, tmp_path, monkeypatch):
 
     original = opd.components.load_model
 
-    def padded_teacher(spec, device, tokenizer=None):
-        model, tok = original(spec, device, tokenizer)
+    def padded_teacher(spec, device, tokenizer=None, **kwargs):
+        model, tok = original(spec, device, tokenizer, **kwargs)
         if spec.tiny is not None and spec.tiny.hidden_size == 64:
             model.resize_token_embeddings(len(tok) + 16)
         return model, tok
