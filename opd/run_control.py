@@ -76,7 +76,7 @@ class NonFiniteWatch:
                 f"checkpoint is {latest_checkpoint(self.run_dir)}: lower optim.lr and run again with --resume")
 
 
-def resumable_error(err: Exception, save, run_dir: Path, step: int, what_failed: str) -> Exception:
+def resumable_error(err: Exception, save, run_dir: Path, what_failed: str) -> Exception:
     """The teacher error `err` again, naming the checkpoint kept for --resume. `save()` writes one
     on a single process; with several, only this rank may have failed, so no save can be agreed
     on and the last checkpoint stays (torchrun ends the other ranks)."""
