@@ -241,9 +241,12 @@ class SamplingConfig(Section):
     tls_verify: bool = True
     ca_bundle: str | None = None
     # The engine's log-probs of the sampled tokens can differ from the learner's (kernels, bf16 on
-    # GPU): logged as logprob_mismatch. recompute_logprobs: a no-grad learner forward gives the
-    # behaviour log-probs instead; importance_cap: then also weight each token by
-    # min(pi_learner / pi_engine, cap) (truncated importance sampling), correcting for the engine.
+    # GPU): logged as logprob_mismatch. recompute_logprobs: a no-grad learner forward under the
+    # current weights gives the student's log-probs of the teacher-KL term (always), and the
+    # behaviour log-probs of a fresh batch (staleness 0; a stale batch keeps the engine's, so the
+    # ratio corrects for the staleness); importance_cap: the behaviour log-probs are the learner's
+    # and each token is weighted by min(pi_learner / pi_engine, cap) (truncated importance
+    # sampling), correcting for the engine and any staleness.
     recompute_logprobs: bool = False
     importance_cap: float | None = Field(None, ge=1)
 
@@ -292,10 +295,11 @@ class TrainConfig(Section):
     device: str = "auto"  # auto: cuda when present, else cpu
     # A step whose loss or gradient is not finite is skipped (no update); this many in a row stop the run.
     max_nonfinite_steps: int = Field(3, ge=1)
-    # 0: every batch is sampled from the current weights. 1: the next step's batch is sampled (from
-    # the weights before this step's update) while this step trains; its importance ratio uses the
-    # log-probs of the policy that sampled it.
-    max_staleness: int = Field(0, ge=0, le=1)
+    # 0: every batch is sampled from the current weights. k > 0: the batches of the next k steps are
+    # sampled ahead (a queue of at most k, from the weights before this step's update) while this
+    # step trains, so a batch is trained up to k updates after its policy was current; its
+    # importance ratio uses the log-probs of the policy that sampled it.
+    max_staleness: int = Field(0, ge=0)
     # Under torchrun (several processes): ddp replicates the student on every rank; fsdp2 shards its
     # weights, gradients and optimizer state over the ranks (torch.distributed.fsdp.fully_shard).
     strategy: Literal["ddp", "fsdp2"] = "ddp"
@@ -400,10 +404,6 @@ class RunConfig(Section):
         if self.sampling.importance_cap is not None and not self.sampling.recompute_logprobs:
             raise ValueError("sampling.importance_cap corrects the engine's log-probs toward the learner's: it needs "
                              "sampling.recompute_logprobs=true")
-        if self.sampling.recompute_logprobs and self.train.max_staleness > 0:
-            raise ValueError("sampling.recompute_logprobs with train.max_staleness=1: the batch was sampled by the "
-                             "previous step's weights, which the learner no longer holds; use the engine's log-probs "
-                             "(recompute_logprobs=false)")
         if self.task.name != "none" and self.data.prompts is not None:
             raise ValueError(f"task.name={self.task.name} generates the prompts, and data.prompts gives a file: "
                              f"choose one")

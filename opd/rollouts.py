@@ -29,6 +29,15 @@ class Rollouts:
     # B x T: per-token weight of the policy gradient (truncated importance weights pi_learner /
     # pi_engine when sampling.importance_cap is set); None: 1 everywhere.
     importance_weights: torch.Tensor | None = None
+    # B x T: the learner's log-probs under its current weights, recomputed at learner time
+    # (sampling.recompute_logprobs); None: not recomputed, behaviour_logprobs stand in.
+    recomputed_logprobs: torch.Tensor | None = None
+
+    @property
+    def student_logprobs(self) -> torch.Tensor:
+        """The student's log-probs of the teacher-KL term k_t = s_t - l_t: the current policy's
+        when recomputed (reverse KL does not tolerate a stale student), else the behaviour ones."""
+        return self.behaviour_logprobs if self.recomputed_logprobs is None else self.recomputed_logprobs
 
     @property
     def batch_size(self) -> int:

@@ -94,7 +94,7 @@ class RoutingTeacher:
         scored = {name: future.result() for name, future in futures.items()}  # the first failure is raised
 
         mask = rollouts.completion_mask
-        logprobs = rollouts.behaviour_logprobs * mask  # no teacher: k_t = 0
+        logprobs = rollouts.student_logprobs * mask  # no teacher: k_t = 0
         for name, scores in scored.items():
             logprobs[rows[name]] = scores.logprobs.to(logprobs.dtype)
         routed = torch.tensor([n is not None for n in names], dtype=torch.bool, device=device)
@@ -169,7 +169,7 @@ class RoutingTeacher:
         metrics, positions = {}, {}
         for name, part in parts.items():
             tokens = float(part.completion_mask.sum())
-            kl = teacher_kl(part.behaviour_logprobs, scored[name].logprobs, part.completion_mask)
+            kl = teacher_kl(part.student_logprobs, scored[name].logprobs, part.completion_mask)
             metrics[f"teacher_kl/{name}"] = float(kl.sum()) / max(tokens, 1.0)
             metrics[f"tokens/{name}"] = tokens / total
             positions[name] = float(sum(row_lengths(part)[0]))
@@ -249,4 +249,5 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
                     entropy=cat("entropy", 0.0), truncated=torch.cat([p.truncated for p in parts]),
                     group_ids=torch.cat([p.group_ids + o for p, o in zip(parts, offsets)]), prompt_width=width,
                     prompts=[q for p in parts for q in p.prompts],
-                    importance_weights=cat("importance_weights", 0.0))
+                    importance_weights=cat("importance_weights", 0.0),
+                    recomputed_logprobs=cat("recomputed_logprobs", 0.0))
