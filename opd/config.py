@@ -232,6 +232,14 @@ class SamplingConfig(Section):
     # backend=vllm, server: where the learner writes its weights for the server to reload after
     # each step; both must see this path. None: <run_dir>/sampler_weights.
     sync_dir: str | None = None
+    # backend=vllm, server: how the weights reach it after each step. disk: safetensors in sync_dir
+    # (config and tokenizer written once), reloaded through /collective_rpc (VLLM_SERVER_DEV_MODE=1);
+    # any device. nccl: vLLM's weight transfer, broadcast GPU to GPU with no disk (the server started
+    # with --weight-transfer-config '{"backend": "nccl"}'; this process needs CUDA and vLLM); the
+    # server's workers join this process at weight_sync_address:weight_sync_port.
+    weight_sync: Literal["disk", "nccl"] = "disk"
+    weight_sync_address: str = "127.0.0.1"
+    weight_sync_port: int = Field(29650, ge=1, le=65535)
     engine_args: dict[str, Any] = Field(default_factory=dict)  # colocated: extra vllm.LLM(...) arguments
     timeout_s: float = Field(600.0, gt=0)  # server: one sampling request, from connecting to its last byte
     max_response_mb: float = Field(64.0, gt=0)  # server: a longer answer is refused
@@ -398,6 +406,9 @@ class RunConfig(Section):
             raise ValueError("data.chat_ratio: mixing chat data applies to method=midtrain only")
         if self.sampling.url is not None and self.sampling.backend != "vllm":
             raise ValueError("sampling.url: a served student needs sampling.backend=vllm")
+        if self.sampling.weight_sync != "disk" and self.sampling.url is None:
+            raise ValueError(f"sampling.weight_sync={self.sampling.weight_sync} sends the weights to a served student: "
+                             f"it needs sampling.url (a colocated engine is synced in memory)")
         if self.sampling.dtype is not None and self.sampling.backend != "hf":
             raise ValueError(f"sampling.dtype={self.sampling.dtype} sets the in-process sampler's precision; a vLLM "
                              f"engine takes its own: sampling.engine_args.dtype={self.sampling.dtype}")
