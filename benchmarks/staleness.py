@@ -38,7 +38,7 @@ def one_run(root: Path, staleness: int, steps: int, name: str) -> dict:
     cfg = load_config(None, [f"run_dir={root / name}", *PAIR, f"train.steps={steps}",
                              f"train.max_staleness={staleness}"])
     train(cfg)
-    rows = [r for r in read_metrics(root / name) if r.get("step", 0) >= 1 and "staleness" in r]
+    rows = [r for r in read_metrics(root / name / "metrics.jsonl") if r.get("step", 0) >= 1 and "staleness" in r]
     walls = [b["wall_s_total"] - a["wall_s_total"] for a, b in zip([{"wall_s_total": 0.0}, *rows], rows)]
     warm = max(2, staleness + 1)
     return {"step_s": walls[warm:], "sample_s": [r["sample_s"] for r in rows[warm:]],

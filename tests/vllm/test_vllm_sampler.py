@@ -198,12 +198,12 @@ def served_student_syncs(server_url, learner, model, tok, tmp_path, **sampling):
         prompts = chat_ids(tok, PROMPTS)
         before = sampler.sample(prompts, seed=2)
         expected, _ = learner.policy_logprobs(before)
-        torch.testing.assert_close(before.behaviour_logprobs, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(before.behaviour_logprobs, expected.cpu(), atol=1e-4, rtol=1e-4)
         for _ in range(2):  # the second sync is the disk path's weights-only one
             learner.train_step(before, torch.randn_like(before.behaviour_logprobs) * before.completion_mask)
             sampler.sync_weights()
         after = sampler.sample(prompts, seed=2)
-        expected, _ = learner.policy_logprobs(after)
+        expected = learner.policy_logprobs(after)[0].cpu()  # (a learner on a GPU: compared on the CPU)
         stale = learner_of(tiny(hidden=32, num_heads=1, seed=4, init_std=0.3)[0]).policy_logprobs(after)[0]
         assert (stale - expected).abs().max() > 1e-2  # the old weights would give other log-probs
         torch.testing.assert_close(after.behaviour_logprobs, expected, atol=1e-4, rtol=1e-4)
