@@ -207,7 +207,7 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
         if distributed.is_sharded(learner) and (cfg.sampling.backend == "vllm" or cfg.train.max_staleness
                                                  or cfg.sampling.dtype is not None):
             raise ConfigError("train.strategy=fsdp2 shards the student over the processes; sampling.backend=vllm, "
-                              "train.max_staleness=1 and sampling.dtype need its whole weights on every rank: use "
+                              "train.max_staleness > 0 and sampling.dtype need its whole weights on every rank: use "
                               "train.strategy=ddp")
         sampler = build_sampler(cfg, learner, tokenizer, student, Path(cfg.run_dir))
     except BaseException:

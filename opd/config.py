@@ -232,6 +232,14 @@ class SamplingConfig(Section):
     # backend=vllm, server: where the learner writes its weights for the server to reload after
     # each step; both must see this path. None: <run_dir>/sampler_weights.
     sync_dir: str | None = None
+    # backend=vllm, server: how the weights reach it after each step. disk: safetensors in sync_dir
+    # (config and tokenizer written once), reloaded through /collective_rpc (VLLM_SERVER_DEV_MODE=1);
+    # any device. nccl: vLLM's weight transfer, broadcast GPU to GPU with no disk (the server started
+    # with --weight-transfer-config '{"backend": "nccl"}'; this process needs CUDA and vLLM); the
+    # server's workers join this process at weight_sync_address:weight_sync_port.
+    weight_sync: Literal["disk", "nccl"] = "disk"
+    weight_sync_address: str = "127.0.0.1"
+    weight_sync_port: int = Field(29650, ge=1, le=65535)
     engine_args: dict[str, Any] = Field(default_factory=dict)  # colocated: extra vllm.LLM(...) arguments
     timeout_s: float = Field(600.0, gt=0)  # server: one sampling request, from connecting to its last byte
     max_response_mb: float = Field(64.0, gt=0)  # server: a longer answer is refused
@@ -241,9 +249,12 @@ class SamplingConfig(Section):
     tls_verify: bool = True
     ca_bundle: str | None = None
     # The engine's log-probs of the sampled tokens can differ from the learner's (kernels, bf16 on
-    # GPU): logged as logprob_mismatch. recompute_logprobs: a no-grad learner forward gives the
-    # behaviour log-probs instead; importance_cap: then also weight each token by
-    # min(pi_learner / pi_engine, cap) (truncated importance sampling), correcting for the engine.
+    # GPU): logged as logprob_mismatch. recompute_logprobs: a no-grad learner forward under the
+    # current weights gives the student's log-probs of the teacher-KL term (always), and the
+    # behaviour log-probs of a fresh batch (staleness 0; a stale batch keeps the engine's, so the
+    # ratio corrects for the staleness); importance_cap: the behaviour log-probs are the learner's
+    # and each token is weighted by min(pi_learner / pi_engine, cap) (truncated importance
+    # sampling), correcting for the engine and any staleness.
     recompute_logprobs: bool = False
     importance_cap: float | None = Field(None, ge=1)
 
@@ -292,10 +303,11 @@ class TrainConfig(Section):
     device: str = "auto"  # auto: cuda when present, else cpu
     # A step whose loss or gradient is not finite is skipped (no update); this many in a row stop the run.
     max_nonfinite_steps: int = Field(3, ge=1)
-    # 0: every batch is sampled from the current weights. 1: the next step's batch is sampled (from
-    # the weights before this step's update) while this step trains; its importance ratio uses the
-    # log-probs of the policy that sampled it.
-    max_staleness: int = Field(0, ge=0, le=1)
+    # 0: every batch is sampled from the current weights. k > 0: the batches of the next k steps are
+    # sampled ahead (a queue of at most k, from the weights before this step's update) while this
+    # step trains, so a batch is trained up to k updates after its policy was current; its
+    # importance ratio uses the log-probs of the policy that sampled it.
+    max_staleness: int = Field(0, ge=0)
     # Under torchrun (several processes): ddp replicates the student on every rank; fsdp2 shards its
     # weights, gradients and optimizer state over the ranks (torch.distributed.fsdp.fully_shard).
     strategy: Literal["ddp", "fsdp2"] = "ddp"
@@ -409,16 +421,15 @@ class RunConfig(Section):
             raise ValueError("data.chat_ratio: mixing chat data applies to method=midtrain only")
         if self.sampling.url is not None and self.sampling.backend != "vllm":
             raise ValueError("sampling.url: a served student needs sampling.backend=vllm")
+        if self.sampling.weight_sync != "disk" and self.sampling.url is None:
+            raise ValueError(f"sampling.weight_sync={self.sampling.weight_sync} sends the weights to a served student: "
+                             f"it needs sampling.url (a colocated engine is synced in memory)")
         if self.sampling.dtype is not None and self.sampling.backend != "hf":
             raise ValueError(f"sampling.dtype={self.sampling.dtype} sets the in-process sampler's precision; a vLLM "
                              f"engine takes its own: sampling.engine_args.dtype={self.sampling.dtype}")
         if self.sampling.importance_cap is not None and not self.sampling.recompute_logprobs:
             raise ValueError("sampling.importance_cap corrects the engine's log-probs toward the learner's: it needs "
                              "sampling.recompute_logprobs=true")
-        if self.sampling.recompute_logprobs and self.train.max_staleness > 0:
-            raise ValueError("sampling.recompute_logprobs with train.max_staleness=1: the batch was sampled by the "
-                             "previous step's weights, which the learner no longer holds; use the engine's log-probs "
-                             "(recompute_logprobs=false)")
         if self.task.name != "none" and self.data.prompts is not None:
             raise ValueError(f"task.name={self.task.name} generates the prompts, and data.prompts gives a file: "
                              f"choose one")

@@ -87,7 +87,7 @@ def rollout_records(rollouts: Rollouts, scores: TeacherScores | None, tokenizer,
     for i in range(min(limit, rollouts.batch_size)):
         keep = rollouts.completion_mask[i].bool()
         ids = rollouts.tokens[i][keep].tolist()
-        student = rollouts.behaviour_logprobs[i][keep].tolist()
+        student = rollouts.student_logprobs[i][keep].tolist()
         group = int(rollouts.group_ids[i])
         record = {
             "group": group,
@@ -134,7 +134,7 @@ def rollout_metrics(rollouts: Rollouts, teacher_logprobs: torch.Tensor | None,
     if teacher_logprobs is not None:  # mean per-token reverse-KL estimate
         if scored_rows is not None:
             mask = mask * scored_rows[:, None].to(mask.dtype)
-        metrics["teacher_kl"] = float(teacher_kl(rollouts.behaviour_logprobs, teacher_logprobs, mask).sum()) / \
+        metrics["teacher_kl"] = float(teacher_kl(rollouts.student_logprobs, teacher_logprobs, mask).sum()) / \
             max(float(mask.sum()), 1.0)
     return metrics
 

@@ -60,7 +60,7 @@ def step_advantages(cfg: RunConfig, rollouts: Rollouts, scores: TeacherScores | 
                     rewards: torch.Tensor | None) -> torch.Tensor:
     """The one advantage computation of every on-policy method: the teacher KL term when the
     teacher scored the batch, the group-centred reward when a grader did, or both."""
-    return compute_advantages(rollouts.loss_mask, rollouts.behaviour_logprobs,
+    return compute_advantages(rollouts.loss_mask, rollouts.student_logprobs,
                               scores.logprobs if scores is not None else None,
                               kl_coef=cfg.loss.kl_coef, discount=cfg.loss.discount,
                               rewards=rewards, group_ids=rollouts.group_ids, divide_by_std=cfg.rl.divide_by_std,
@@ -92,9 +92,9 @@ def run_step(cfg: RunConfig, components: Components, step: int, batches: Student
     sampled = {}
     if cfg.on_policy:
         batch, sampled["staleness"] = batches.take(step)
-        batches.sample_ahead(step + 1)  # max_staleness=1: overlaps with this step's scoring and training
+        batches.sample_ahead(step)  # max_staleness > 0: overlaps with this step's scoring and training
         if cfg.sampling.recompute_logprobs:
-            sampled.update(recompute_behaviour(cfg, learner, batch))
+            sampled.update(recompute_behaviour(cfg, learner, batch, sampled["staleness"]))
         flops["flops_sample"] = sampling_flops(learner.cost, batch)
     else:
         sequences, targets_from, data_flops = components.data.batches.batch(step - 1)

@@ -138,8 +138,9 @@ class Learner(Protocol):
     def policy_weights(self) -> dict[str, torch.Tensor]:
         """The weights an inference engine loads: plain Hugging Face names, a LoRA adapter merged."""
 
-    def export_policy(self, directory: Path, tokenizer) -> None:
-        """The same as a Hugging Face directory (config, tokenizer, safetensors)."""
+    def export_policy(self, directory: Path, tokenizer, weights_only: bool = False) -> None:
+        """The same as a Hugging Face directory (config, tokenizer, safetensors; only the
+        safetensors with `weights_only`)."""
 
     def train_step(self, rollouts: Rollouts, advantages: torch.Tensor | None,
                    scores: TeacherScores | None = None) -> dict:

@@ -44,6 +44,15 @@ class Rollouts:
     def __post_init__(self):
         if self.loss_mask is None:
             self.loss_mask = self.completion_mask
+    # B x T: the learner's log-probs under its current weights, recomputed at learner time
+    # (sampling.recompute_logprobs); None: not recomputed, behaviour_logprobs stand in.
+    recomputed_logprobs: torch.Tensor | None = None
+
+    @property
+    def student_logprobs(self) -> torch.Tensor:
+        """The student's log-probs of the teacher-KL term k_t = s_t - l_t: the current policy's
+        when recomputed (reverse KL does not tolerate a stale student), else the behaviour ones."""
+        return self.behaviour_logprobs if self.recomputed_logprobs is None else self.recomputed_logprobs
 
     @property
     def batch_size(self) -> int:

@@ -1,7 +1,7 @@
-"""Sampling backends and off-policy corrections: one-step-off sampling (train.max_staleness=1), the
-learner's recomputed behaviour log-probs and truncated importance weights, the merged policy an
-inference engine loads, engine completions laid out as the HF sampler lays them out, and the
-config checks around them. CPU only, without vLLM."""
+"""Sampling backends and off-policy corrections: one-step-off sampling (train.max_staleness=1; k steps
+off are in test_staleness.py), the learner's recomputed behaviour log-probs and truncated importance
+weights, the merged policy an inference engine loads, engine completions laid out as the HF sampler
+lays them out, and the config checks around them. CPU only, without vLLM."""
 
 import copy
 import importlib.util
@@ -352,9 +352,8 @@ def test_vllm_backend_without_vllm_says_how_to_install(tmp_path, monkeypatch):
 @pytest.mark.parametrize("overrides, key", [
     (["sampling.url=http://localhost:8000/v1"], "sampling.url"),
     (["sampling.importance_cap=2.0"], "sampling.importance_cap"),
-    (["sampling.recompute_logprobs=true", "train.max_staleness=1"], "train.max_staleness"),
     (["sampling.backend=vllm", "sampling.dtype=bfloat16"], "sampling.engine_args.dtype"),
-], ids=["url-needs-vllm", "cap-needs-recompute", "recompute-with-staleness", "dtype-is-the-hf-samplers"])
+], ids=["url-needs-vllm", "cap-needs-recompute", "dtype-is-the-hf-samplers"])
 def test_inconsistent_sampling_settings_are_refused(tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         run_config(tmp_path / "run", *overrides)
@@ -365,7 +364,7 @@ def test_consistent_sampling_settings_are_accepted(tmp_path):
                      "sampling.recompute_logprobs=true", "sampling.importance_cap=2.0")
     assert cfg.sampling.importance_cap == 2.0 and cfg.train.max_staleness == 0
     with pytest.raises(ConfigError, match=r"train\.max_staleness"):
-        run_config(tmp_path / "run", "train.max_staleness=2")
+        run_config(tmp_path / "run", "train.max_staleness=-1")
     with pytest.raises(ConfigError, match=r"sampling\.importance_cap"):
         run_config(tmp_path / "run", "sampling.recompute_logprobs=true", "sampling.importance_cap=0.5")
 

@@ -175,20 +175,22 @@ class Learner:
         engine (the vLLM sampler) loads after each step."""
         return merged_weights(self.model)
 
-    def export_policy(self, directory: Path, tokenizer) -> None:
+    def export_policy(self, directory: Path, tokenizer, weights_only: bool = False) -> None:
         """A plain Hugging Face directory of the policy (config, tokenizer, merged weights) for an
-        inference engine to load; the weights file is replaced atomically."""
+        inference engine to load; the weights file is replaced atomically. `weights_only`: the
+        directory has the rest already (an engine's weight sync after every step)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        config = copy.deepcopy(base.config)
-        config.architectures = [type(base).__name__]  # what an engine builds (save_pretrained sets it too)
-        config.save_pretrained(directory)
-        if getattr(base, "generation_config", None) is not None:  # as the user's checkpoint has it; never obeyed
-            base.generation_config.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+        if not weights_only:
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            config = copy.deepcopy(base.config)
+            config.architectures = [type(base).__name__]  # what an engine builds (save_pretrained sets it too)
+            config.save_pretrained(directory)
+            if getattr(base, "generation_config", None) is not None:  # as the user's checkpoint has it; never obeyed
+                base.generation_config.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
         weights, stored = {}, set()
         for name, tensor in self.policy_weights().items():
             if tensor.data_ptr() in stored:  # tied weights (the output head is the embedding) are stored once

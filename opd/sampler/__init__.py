@@ -35,9 +35,13 @@ def _backend_sampler(cfg, learner, tokenizer, model, run_dir: Path):
     def export(directory: Path) -> None:
         learner.export_policy(directory, tokenizer)
 
+    def export_weights(directory: Path) -> None:
+        learner.export_policy(directory, tokenizer, weights_only=True)
+
     if cfg.sampling.url is not None:
         sync_dir = Path(cfg.sampling.sync_dir or Path(run_dir) / "sampler_weights")
-        return VLLMServerSampler(cfg.sampling.url, export, tokenizer, cfg.sampling, sync_dir, eos_ids)
+        return VLLMServerSampler(cfg.sampling.url, export, tokenizer, cfg.sampling, sync_dir, eos_ids,
+                                 export_weights=export_weights, policy_weights=learner.policy_weights)
     max_len = cfg.data.max_prompt_tokens + max(cfg.sampling.max_new_tokens, cfg.eval.max_new_tokens or 0)
     positions = getattr(model.config, "max_position_embeddings", None)
     rows = cfg.train.prompts_per_step * cfg.sampling.samples_per_prompt  # what a step samples at once

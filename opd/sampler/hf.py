@@ -63,7 +63,7 @@ class HFSampler:
     """The student's sampler in process (`opd.roles.Sampler`). By default it shares the learner's
     model, so the weights it samples from are always the learner's current ones. It samples from a
     copy of the model, which `sync_weights` updates after every step, with `own_copy=True`
-    (one-step-off sampling, train.max_staleness=1: the next batch is sampled while the learner
+    (sampling ahead, train.max_staleness > 0: the next batches are sampled while the learner
     changes its weights) or a `dtype` other than the model's (sampling.dtype=bfloat16). A LoRA
     student's copy has its adapter merged into plain linear layers: the same policy, decoded with
     one product per layer instead of three (W x rather than W x + s B(A x)), which the lean decoder

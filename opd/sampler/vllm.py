@@ -7,8 +7,10 @@ Two placements, one contract (`opd.roles.Sampler`):
   CPU weight packing). The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that the
   tensors are handed over, not serialised.
 * served (`VLLMServerSampler`, `sampling.url`): a running vLLM server, e.g. on other devices. The
-  portable sync (CPU or GPU): the learner writes safetensors into `sampling.sync_dir` and asks the
-  server to reload them (`/collective_rpc` reload_weights; the server needs VLLM_SERVER_DEV_MODE=1).
+  portable sync (CPU or GPU, sampling.weight_sync=disk): the learner writes the directory once, then
+  only the safetensors after each step, and asks the server to reload them (`/collective_rpc`
+  reload_weights; the server needs VLLM_SERVER_DEV_MODE=1). On GPUs, sampling.weight_sync=nccl
+  sends them by vLLM's weight transfer instead (opd.sampler.weight_transfer).
 
 LoRA students are synced as merged weights (W + scale * B @ A, `Learner.policy_weights`): the
 engine then runs a plain model at full speed and needs no LoRA support, and the adapter never
@@ -205,16 +207,27 @@ class VLLMSampler(_VLLMBase):
 
 class VLLMServerSampler(_VLLMBase):
     """A running vLLM server samples the student; after every step it reloads the learner's
-    weights from `sync_dir` (written by `export_policy`)."""
+    weights from `sync_dir` (the whole directory by `export_policy` at the first sync, then the
+    weights alone by `export_weights`, when given), or receives them by NCCL (`policy_weights`,
+    with cfg.weight_sync=nccl)."""
 
     def __init__(self, url: str, export_policy: Callable[[Path], None], tokenizer, cfg: SamplingConfig,
-                 sync_dir: Path, eos_ids: list[int], requests_in_flight: int = 16):
+                 sync_dir: Path, eos_ids: list[int], requests_in_flight: int = 16,
+                 export_weights: Callable[[Path], None] | None = None,
+                 policy_weights: Callable[[], dict] | None = None):
         from opd import http_client
 
         super().__init__(tokenizer, cfg, eos_ids)
         self.url = url.rstrip("/")
-        self.export_policy = export_policy
+        self.export_policy, self.export_weights = export_policy, export_weights
         self.sync_dir = Path(sync_dir)
+        self.synced = False  # the first disk sync writes config and tokenizer too
+        self.nccl = None
+        if cfg.weight_sync == "nccl":  # refused here, before any request, without CUDA or vLLM
+            from opd.sampler.weight_transfer import NCCLWeightSync
+
+            self.nccl = NCCLWeightSync(self._post, self._get, policy_weights, cfg.weight_sync_address,
+                                       cfg.weight_sync_port)
         try:  # every request ends by sampling.timeout_s (a whole-request deadline), its answer capped
             self.client = http_client.make_client(
                 self.url, cfg.timeout_s, requests_in_flight, http_client.api_key_header(cfg.api_key_env, "sampling"),
@@ -240,6 +253,9 @@ class VLLMServerSampler(_VLLMBase):
         if response.status_code != 200:
             hint = (" (start the server with VLLM_SERVER_DEV_MODE=1: the weight reload goes through "
                     "/collective_rpc)") if path == "/collective_rpc" and response.status_code == 404 else ""
+            if "weight_transfer" in path or "weight_update" in path:
+                hint = (" (sampling.weight_sync=nccl: start the server with --weight-transfer-config "
+                        "'{\"backend\": \"nccl\"}')")
             raise SamplerServerError(f"the student server at {self.url} refused {path}: HTTP "
                                      f"{response.status_code} {response.text[:300]}{hint}")
         try:
@@ -247,6 +263,21 @@ class VLLMServerSampler(_VLLMBase):
         except ValueError:
             raise SamplerServerError(f"the student server at {self.url} answered {path} with a body that is not "
                                      f"JSON: {response.text[:200]}") from None
+
+    def _get(self, path: str) -> dict:
+        import httpx
+
+        from opd import http_client
+
+        try:
+            response = http_client.request(self.client, "GET", path, max_bytes=self._max_bytes, cancel=(self.closing,))
+            if response.status_code != 200:
+                raise SamplerServerError(f"the student server at {self.url} refused {path}: HTTP "
+                                         f"{response.status_code} {response.text[:300]}")
+            return response.json()
+        except (httpx.HTTPError, http_client.ResponseTooLarge, http_client.RequestCancelled, ValueError) as err:
+            raise SamplerServerError(f"the student server at {self.url} did not answer {path}: "
+                                     f"{type(err).__name__}: {err}") from None
 
     def _first_model(self) -> str:
         import httpx
@@ -263,8 +294,15 @@ class VLLMServerSampler(_VLLMBase):
         return models[0]["id"]
 
     def sync_weights(self) -> None:
-        self.export_policy(self.sync_dir)
-        self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(self.sync_dir)}})
+        if self.nccl is not None:
+            self.nccl.send()
+        else:
+            if self.synced and self.export_weights is not None:
+                self.export_weights(self.sync_dir)  # config and tokenizer are there from the first sync
+            else:
+                self.export_policy(self.sync_dir)
+            self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(self.sync_dir)}})
+            self.synced = True
         # The prefix cache holds key/values computed by the old weights.
         self._post("/reset_prefix_cache", {})
 
@@ -285,6 +323,11 @@ class VLLMServerSampler(_VLLMBase):
         return int(self.cfg.max_response_mb * 2**20)
 
     def close(self) -> None:
+        if self.nccl is not None:
+            try:
+                self.nccl.close()
+            except Exception:  # the server may be gone already; its end of the group ends with it
+                pass
         self.closing.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()

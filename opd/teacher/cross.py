@@ -126,20 +126,20 @@ class CrossTokenizerTeacher:
     @staticmethod
     def _per_token(rollouts: Rollouts, index: torch.Tensor, chunk_lp: torch.Tensor) -> torch.Tensor:
         """The chunk's teacher log-prob shared evenly over its student tokens; a token without
-        signal gets its own behaviour log-prob (a KL estimate of 0)."""
+        signal gets the student's own log-prob (a KL estimate of 0)."""
         has = index >= 0
         safe = index.clamp(min=0)
         size = torch.zeros_like(chunk_lp).scatter_add_(1, safe, has.to(chunk_lp.dtype))
         shared = chunk_lp.gather(1, safe) / size.gather(1, safe).clamp(min=1)
         mask = rollouts.completion_mask
-        return torch.where(has, shared, rollouts.behaviour_logprobs * mask) * mask
+        return torch.where(has, shared, rollouts.student_logprobs * mask) * mask
 
     def _record(self, rollouts: Rollouts, alignments: list, index: torch.Tensor, chunk_lp: torch.Tensor,
                 signal: torch.Tensor, counts: dict) -> None:
         from opd.advantages import chunk_kl
 
         signalled = float(signal.sum())
-        kl = chunk_kl(rollouts.behaviour_logprobs, Chunks(index, chunk_lp, signal))
+        kl = chunk_kl(rollouts.student_logprobs, Chunks(index, chunk_lp, signal))
         # Of the last batch scored: in a step that is the training batch (evaluations score theirs
         # between steps, and would otherwise be counted in the next step's figures).
         self._metrics = {**counts, "dropped_rows": sum(not isinstance(a, RowAlignment) for a in alignments),

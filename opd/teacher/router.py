@@ -94,7 +94,7 @@ class RoutingTeacher:
         scored = {name: future.result() for name, future in futures.items()}  # the first failure is raised
 
         mask = rollouts.loss_mask
-        logprobs = rollouts.behaviour_logprobs * mask  # no teacher: k_t = 0
+        logprobs = rollouts.student_logprobs * mask  # no teacher: k_t = 0
         for name, scores in scored.items():
             logprobs[rows[name]] = scores.logprobs.to(logprobs.dtype)
         routed = torch.tensor([n is not None for n in names], dtype=torch.bool, device=device)
@@ -169,7 +169,7 @@ class RoutingTeacher:
         metrics, positions = {}, {}
         for name, part in parts.items():
             tokens = float(part.loss_mask.sum())
-            kl = teacher_kl(part.behaviour_logprobs, scored[name].logprobs, part.loss_mask)
+            kl = teacher_kl(part.student_logprobs, scored[name].logprobs, part.loss_mask)
             metrics[f"teacher_kl/{name}"] = float(kl.sum()) / max(tokens, 1.0)
             metrics[f"tokens/{name}"] = tokens / total
             positions[name] = float(sum(row_lengths(part)[0]))
@@ -252,4 +252,5 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
                     importance_weights=cat("importance_weights", 0.0),
                     loss_mask=cat("loss_mask", 0.0) if any(p.multi_turn for p in parts) else None,
                     env_rewards=None if any(p.env_rewards is None for p in parts) else
-                    torch.cat([p.env_rewards for p in parts]))
+                    torch.cat([p.env_rewards for p in parts]),
+                    recomputed_logprobs=cat("recomputed_logprobs", 0.0))

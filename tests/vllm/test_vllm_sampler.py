@@ -187,8 +187,33 @@ def test_one_step_off_sampling_on_vllm(tmp_path):
     assert all(m["teacher_kl"] == m["teacher_kl"] for m in steps)  # finite: it trained
 
 
+def served_student_syncs(server_url, learner, model, tok, tmp_path, **sampling):
+    """Sample, train a step, sync, sample again: the server samples the learner's new weights."""
+    sampler = VLLMServerSampler(server_url, lambda d: learner.export_policy(d, tok), tok,
+                                SamplingConfig(samples_per_prompt=3, max_new_tokens=10, **sampling), tmp_path / "sync",
+                                eos_token_ids(model, tok),
+                                export_weights=lambda d: learner.export_policy(d, tok, weights_only=True),
+                                policy_weights=learner.policy_weights)
+    try:
+        prompts = chat_ids(tok, PROMPTS)
+        before = sampler.sample(prompts, seed=2)
+        expected, _ = learner.policy_logprobs(before)
+        torch.testing.assert_close(before.behaviour_logprobs, expected.cpu(), atol=1e-4, rtol=1e-4)
+        for _ in range(2):  # the second sync is the disk path's weights-only one
+            learner.train_step(before, torch.randn_like(before.behaviour_logprobs) * before.completion_mask)
+            sampler.sync_weights()
+        after = sampler.sample(prompts, seed=2)
+        expected = learner.policy_logprobs(after)[0].cpu()  # (a learner on a GPU: compared on the CPU)
+        stale = learner_of(tiny(hidden=32, num_heads=1, seed=4, init_std=0.3)[0]).policy_logprobs(after)[0]
+        assert (stale - expected).abs().max() > 1e-2  # the old weights would give other log-probs
+        torch.testing.assert_close(after.behaviour_logprobs, expected, atol=1e-4, rtol=1e-4)
+    finally:
+        sampler.close()
+
+
 def test_a_served_student_reloads_the_learners_weights(tmp_path, vllm_python_or_skip):
-    """sampling.url: the learner writes safetensors, the server reloads them (VLLM_SERVER_DEV_MODE)."""
+    """sampling.url: the learner writes safetensors, the server reloads them (VLLM_SERVER_DEV_MODE);
+    the config and tokenizer are written at the first sync only."""
     model, tok = tiny(hidden=32, num_heads=1, seed=4, init_std=0.3)
     model.save_pretrained(tmp_path / "student")
     tok.save_pretrained(tmp_path / "student")
@@ -196,21 +221,30 @@ def test_a_served_student_reloads_the_learners_weights(tmp_path, vllm_python_or_
     server = VLLMServer(vllm_python_or_skip, tmp_path / "student", tmp_path / "server.log", dev_mode=True)
     server.start()
     try:
-        sampler = VLLMServerSampler(server.url, lambda d: learner.export_policy(d, tok), tok,
-                                    SamplingConfig(samples_per_prompt=3, max_new_tokens=10), tmp_path / "sync",
-                                    eos_token_ids(model, tok))
-        prompts = chat_ids(tok, PROMPTS)
-        before = sampler.sample(prompts, seed=2)
-        expected, _ = learner.policy_logprobs(before)
-        torch.testing.assert_close(before.behaviour_logprobs, expected, atol=1e-4, rtol=1e-4)
-        learner.train_step(before, torch.randn_like(before.behaviour_logprobs) * before.completion_mask)
-        sampler.sync_weights()
-        after = sampler.sample(prompts, seed=2)
-        expected, _ = learner.policy_logprobs(after)
-        stale = learner_of(tiny(hidden=32, num_heads=1, seed=4, init_std=0.3)[0]).policy_logprobs(after)[0]
-        assert (stale - expected).abs().max() > 1e-2  # the old weights would give other log-probs
-        torch.testing.assert_close(after.behaviour_logprobs, expected, atol=1e-4, rtol=1e-4)
-        sampler.close()
+        served_student_syncs(server.url, learner, model, tok, tmp_path)
+        sync = tmp_path / "sync"
+        # written once (first sync), the weights after it (each later sync)
+        assert (sync / "config.json").stat().st_mtime_ns < (sync / "model.safetensors").stat().st_mtime_ns
+        assert (sync / "tokenizer.json").stat().st_mtime_ns <= (sync / "config.json").stat().st_mtime_ns + 10**9
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL weight transfer needs a CUDA GPU (CUDA vLLM)")
+def test_a_served_student_on_a_gpu_receives_the_weights_by_nccl(tmp_path, vllm_python_or_skip):
+    """sampling.weight_sync=nccl: vLLM's weight transfer (the server started with
+    --weight-transfer-config), no disk: nothing is written to sync_dir."""
+    spec = ModelConfig(tiny={"hidden_size": 32, "num_heads": 1, "seed": 4, "init_std": 0.3})
+    model, tok = load_model(spec, torch.device("cuda"))
+    model.save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "student")
+    learner = learner_of(model, lr=3e-2)
+    server = VLLMServer(vllm_python_or_skip, tmp_path / "student", tmp_path / "server.log",
+                        extra_args=("--weight-transfer-config", '{"backend": "nccl"}'))
+    server.start()
+    try:
+        served_student_syncs(server.url, learner, model, tok, tmp_path, weight_sync="nccl")
+        assert not (tmp_path / "sync").exists()
     finally:
         server.stop()
 
