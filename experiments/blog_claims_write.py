@@ -45,7 +45,8 @@ def seeds_section(results: dict) -> list[str]:
     lines = ["### The chosen settings, test split", "", *_header(results, "seeds"),
              "Chosen: " + ", ".join(f"{m} lr {p['lr']:g}{'' if p['clip'] else ' (no clipping)'}"
                                     for m, p in s["picks"].items()) + f"; seeds {', '.join(s['per_seed'])}.  ",
-             f"Teacher's test accuracy {s['teacher_accuracy_test']:.3f}; target 95% of it. Common accuracy per seed: "
+             f"Student start's test accuracy {per_seed[0]['table'][0]['start_accuracy']:.3f}; "
+             f"teacher's {s['teacher_accuracy_test']:.3f}; target 95% of it (so reached at step 0). Common accuracy per seed: "
              + ", ".join(f"{c['common_target']:.3f}" for c in per_seed) + ".", "",
              "| method | final | best | reached 95% of teacher | steps to common | FLOPs to common | "
              "FLOPs to common, data paid | ÷ distill's (steps / FLOPs / data paid) |",
@@ -104,4 +105,7 @@ def write(results: dict, path: Path) -> None:
         lines += seeds_section(results)
     if "plateau" in results:
         lines += plateau_section(results)
+    else:
+        lines += ["## Item 1: from SFT's plateau", "", "Not run (`blog_claims.py plateau` exists, untested): the "
+                  "session's time went to item 2. Items 3-5 (new tasks, RL teacher, SmolLM2 personalization): not run.", ""]
     path.write_text("\n".join(lines) + "\n")
