@@ -1,0 +1,272 @@
+"""The blog's claims tested the way the blog tested them (issue 31), on the demo's arithmetic task.
+
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/blog_claims.py sweep   [--methods sft,distill,rl]
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/blog_claims.py seeds   [--seeds 1,2]
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/blog_claims.py plateau
+    .venv/bin/python experiments/blog_claims.py write
+
+Stages (each under 12 minutes on one shared core; a finished run is skipped, so a stage resumes):
+* sweep (item 2): every method at 3 learning rates (distillation also without gradient clipping at
+  its best one), seed 0, scored on a VALIDATION split: 64 of 128 held-out problems, drawn by a fixed
+  seed; the other 64 are the TEST split, never used to choose.
+* seeds (item 2): each method at its chosen setting, more seeds, evaluated on the test split;
+  steps and FLOPs to the common accuracy as in compare_methods.py.
+* plateau (item 1): SFT on teacher samples from the demo's start until validation accuracy stops
+  rising (the measured plateau, with its FLOPs); from that checkpoint, more SFT on fresh teacher
+  samples vs on-policy distillation, on the test split, in FLOPs (data paid) to the next level.
+* write: experiments/RESULTS_blog_claims.md from experiments/results/blog_claims.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from opd.cli.demo import STUDENT_BUILD, TEACHER_BUILD, TASK, method_config
+from opd.compare import cached_model, compare_runs, model_accuracy, sft_on_teacher_samples
+from opd.config import load_config
+from opd.hardware import machine_record
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "blog_claims.json"
+OUT = Path("runs/experiments/blog_claims")
+console = Console()
+
+STEPS, EVAL_EVERY, SWEEP_EVAL_EVERY = 100, 10, 20  # the sweep evaluates less often: it only chooses
+SPLIT_SEED = 31  # which 64 of the 128 held-out problems validate, which 64 test
+LRS = {"sft": [2.5e-4, 5e-4, 1e-3], "distill": [2.5e-4, 5e-4, 1e-3], "rl": [1e-4, 2e-4, 4e-4]}
+PLATEAU = {"steps": 400, "every": 25, "checkpoint_every": 25, "more_steps": 100, "patience": 3}
+
+
+# ----------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def splits() -> dict[str, Path]:
+    """The held-out problems, split by SPLIT_SEED into validation and test JSONL files."""
+    from opd.data.sources import task_records
+
+    cfg = load_config(None, ["task.eval_size=128"], base={"method": "sft", "run_dir": "unused",
+                                                          "student": {"tiny": {}}, "task": TASK})
+    records = [r for _, r in task_records(cfg, "eval")]
+    order = list(range(len(records)))
+    random.Random(SPLIT_SEED).shuffle(order)
+    paths = {}
+    for name, idx in (("val", sorted(order[:64])), ("test", sorted(order[64:]))):
+        paths[name] = OUT / f"{name}.jsonl"
+        paths[name].parent.mkdir(parents=True, exist_ok=True)
+        paths[name].write_text("".join(json.dumps(records[i]) + "\n" for i in idx))
+    return paths
+
+
+def demo_models() -> tuple[Path, Path]:
+    teacher, _ = cached_model(load_config(None, [], base=TEACHER_BUILD), console, "the demo teacher")
+    student, _ = cached_model(load_config(None, [], base=STUDENT_BUILD), console, "the demo student start")
+    return teacher, student
+
+
+def run_config(method: str, lr: float, clip: bool, seed: int, eval_path: Path, student: Path, teacher: Path,
+               steps: int = STEPS, every: int = EVAL_EVERY, extra: list[str] = ()):
+    """One method's run: the demo's recipe with this lr (and clipping), seed and eval split. SFT's
+    data: teacher samples written for the demo's 150-step budget (cached, reused; its writing cost
+    is charged per sequence trained on)."""
+    overrides = [f"optim.lr={lr}", f"train.seed={seed}", f"eval.every={every}", f"data.eval_prompts={eval_path}",
+                 *([] if clip else ["optim.grad_clip=null"]), *extra]
+    if method == "sft":
+        cfg, written = sft_on_teacher_samples(
+            method_config("sft", student, teacher, [*overrides, f"train.steps={max(steps, 150)}"]), console)
+        return cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})}), written
+    return method_config(method, student, teacher, [*overrides, f"train.steps={steps}"]), None
+
+
+def train_once(cfg, run_dir: Path) -> Path:
+    from opd.loop import train
+
+    if not (run_dir / "summary.json").is_file():
+        console.print(f"[bold]training {run_dir}")
+        if run_dir.exists():
+            import shutil
+            shutil.rmtree(run_dir)
+        summary = train(cfg.model_copy(update={"run_dir": str(run_dir)}), console=console)
+        if summary["interrupted"]:
+            raise KeyboardInterrupt
+    return run_dir
+
+
+def curve(run_dir: Path) -> list[dict]:
+    from opd.run_dir import read_metrics
+
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+def run_facts(run_dir: Path) -> dict:
+    rows = curve(run_dir)
+    evals = [r for r in rows if "eval/accuracy" in r]
+    norms = [r[k] for r in rows for k in r if k.endswith("grad_norm") and isinstance(r[k], (int, float))]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"accuracy": [(r["step"], r["eval/accuracy"]) for r in evals],
+            "final": evals[-1]["eval/accuracy"], "best": max(r["eval/accuracy"] for r in evals),
+            "late": statistics.fmean(r["eval/accuracy"] for r in evals[-3:]),  # the choosing score
+            "grad_norm_median": statistics.median(norms) if norms else None,
+            "grad_clipped_steps": summary.get("grad_clipped_steps"), "steps": summary["steps_done"],
+            "flops_total": summary["flops_total"], "flops_total_with_data": summary["flops_total_with_data"],
+            "wall_s": summary["wall_s_total"]}
+
+
+def load_results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+
+
+def save(section: str, value, command: str, started: float) -> None:
+    results = load_results()
+    results[section] = value
+    results.setdefault("commands", {})[section] = command
+    results.setdefault("seconds", {})[section] = time.time() - started
+    results.setdefault("machine", {})[section] = {**machine_record(), "torch": torch.__version__}
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2))
+
+
+def spread(values: list) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+# ----------------------------------------------------------------------------------------------
+# item 2: each method at its own best learning rate
+
+
+def sweep(methods: list[str]) -> dict:
+    paths, (teacher, student) = splits(), demo_models()
+    table = dict(load_results().get("sweep", {}))
+
+    def one(method: str, lr: float, clip: bool) -> None:
+        name = f"{method} lr={lr:g}" + ("" if clip else " no clip")
+        cfg, _ = run_config(method, lr, clip, 0, paths["val"], student, teacher, every=SWEEP_EVAL_EVERY)
+        run_dir = train_once(cfg, OUT / "sweep" / name.replace(" ", "_").replace("=", ""))
+        table[name] = {"method": method, "lr": lr, "clip": clip, **run_facts(run_dir)}
+        console.print(f"{name}: val late {table[name]['late']:.3f} final {table[name]['final']:.3f}")
+
+    for method in methods:
+        for lr in LRS[method]:
+            one(method, lr, True)
+        if method == "distill":
+            one(method, chosen(table)["distill"]["lr"], False)
+    return table
+
+
+def chosen(table: dict) -> dict:
+    """Per method, the sweep's setting with the highest validation score (late: mean of the last 3
+    evaluations, less noisy than the final one)."""
+    best = {}
+    for row in table.values():
+        if row["method"] not in best or row["late"] > best[row["method"]]["late"]:
+            best[row["method"]] = row
+    return best
+
+
+def seeds(seed_list: list[int]) -> dict:
+    paths, (teacher, student) = splits(), demo_models()
+    picks = chosen(load_results()["sweep"])
+    test_cfg = method_config("distill", student, teacher, [f"data.eval_prompts={paths['test']}"])
+    teacher_accuracy = model_accuracy(test_cfg, test_cfg.teacher)
+    per_seed = {}
+    for seed in seed_list:
+        out = OUT / "seeds" / f"seed_{seed}"
+        groups, extra = {}, {}
+        for method, pick in picks.items():
+            cfg, written = run_config(method, pick["lr"], pick["clip"], seed, paths["test"], student, teacher)
+            groups[method] = [train_once(cfg, out / method)]
+            if written:
+                extra[method] = written["seconds"]
+        per_seed[seed] = compare_runs(groups, out, teacher_accuracy=teacher_accuracy, extra_seconds=extra)
+    return {"picks": {m: {"lr": p["lr"], "clip": p["clip"]} for m, p in picks.items()},
+            "teacher_accuracy_test": teacher_accuracy, "per_seed": per_seed}
+
+
+# ----------------------------------------------------------------------------------------------
+# item 1: from SFT's plateau
+
+
+def plateau_step(accuracy: list[tuple[int, float]], patience: int) -> tuple[int, float]:
+    """The first evaluation after which `patience` further evaluations never beat it: where held-out
+    accuracy stopped rising. (step, accuracy); the last evaluation when it never stopped."""
+    for i, (step, acc) in enumerate(accuracy):
+        later = accuracy[i + 1:i + 1 + patience]
+        if len(later) == patience and all(a <= acc for _, a in later):
+            return step, acc
+    return accuracy[-1]
+
+
+def plateau() -> dict:
+    from opd.learner.checkpoint import latest_checkpoint  # noqa: F401  (checkpoint layout)
+
+    paths, (teacher, student) = splits(), demo_models()
+    lr = chosen(load_results()["sweep"])["sft"]["lr"]
+    p = PLATEAU
+    cfg, written = sft_on_teacher_samples(method_config("sft", student, teacher, [
+        f"optim.lr={lr}", "train.seed=0", f"train.steps={p['steps']}", f"eval.every={p['every']}",
+        f"data.eval_prompts={paths['val']}", f"checkpoint.every={p['checkpoint_every']}",
+        "checkpoint.keep_last=100"]), console)
+    long_dir = train_once(cfg, OUT / "plateau" / "sft_long")
+    facts = run_facts(long_dir)
+    step, acc = plateau_step(facts["accuracy"], p["patience"])
+    rows = [r for r in curve(long_dir) if r.get("step") == step and "flops_total" in r]
+    at = {"step": step, "val_accuracy": acc, "flops_total": rows[-1]["flops_total"] if rows else None,
+          "flops_total_with_data": rows[-1]["flops_total_with_data"] if rows else None}
+    start = long_dir / "checkpoints" / f"step_{step:06d}" / "model"
+    if not start.is_dir():
+        found = sorted(long_dir.glob(f"**/*{step}*/model"))
+        start = found[0] if found else start
+    at["checkpoint"] = str(start)
+    # From the plateau: fresh teacher samples (another sampling seed) vs on-policy distillation.
+    out = OUT / "plateau" / "from_plateau"
+    distill_lr = chosen(load_results()["sweep"])["distill"]
+    more_sft, written2 = run_config("sft", lr, True, 7, paths["test"], start, teacher, steps=p["more_steps"])
+    distill, _ = run_config("distill", distill_lr["lr"], distill_lr["clip"], 7, paths["test"], start, teacher,
+                            steps=p["more_steps"])
+    groups = {"more sft": [train_once(more_sft, out / "more_sft")], "distill": [train_once(distill, out / "distill")]}
+    comparison = compare_runs(groups, out, extra_seconds={"more sft": written2["seconds"]})
+    return {"sft_lr": lr, "long_run": facts, "plateau": at, "data_seconds": written["seconds"],
+            "from_plateau": comparison}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["sweep", "seeds", "plateau", "write"])
+    parser.add_argument("--methods", default="sft,distill,rl")
+    parser.add_argument("--seeds", default="1,2")
+    args = parser.parse_args()
+    command = " ".join(["OMP_NUM_THREADS=1 .venv/bin/python experiments/blog_claims.py", *sys.argv[1:]])
+    started = time.time()
+    if args.stage == "sweep":
+        save("sweep", sweep(args.methods.split(",")), command, started)
+    elif args.stage == "seeds":
+        previous = load_results().get("seeds", {}).get("per_seed", {})
+        result = seeds([int(s) for s in args.seeds.split(",")])
+        result["per_seed"] = {**previous, **{str(k): v for k, v in result["per_seed"].items()}}
+        save("seeds", result, command, started)
+    elif args.stage == "plateau":
+        save("plateau", plateau(), command, started)
+    else:
+        from blog_claims_write import write
+        write(load_results(), HERE / "RESULTS_blog_claims.md")
+
+
+if __name__ == "__main__":
+    main()
