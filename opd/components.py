@@ -161,6 +161,28 @@ def check_every_output_size(learner: Learner, teacher: Teacher | None, exact: bo
             raise type(err)(f"teachers.{name}: {err}") from None
 
 
+def check_distributed_sampling(cfg, learner) -> None:
+    """What a sampler cannot do under torchrun, refused before the first step."""
+    if distributed.active() and cfg.sampling.url is not None and cfg.sampling.weight_sync == "nccl":
+        raise ConfigError("sampling.weight_sync=nccl under torchrun is not supported yet (each rank would open its "
+                          "own transfer group to the one server): use sampling.weight_sync=disk")
+    if not distributed.is_sharded(learner):
+        return
+    if cfg.sampling.url is not None:  # a served student: rank 0 exports the gathered weights
+        if cfg.student.lora is not None:
+            raise ConfigError("train.strategy=fsdp2 with a LoRA student and a served sampler (sampling.url) is not "
+                              "supported: the adapter is merged from whole layers; use train.strategy=ddp (a LoRA "
+                              "student's trainable state is small)")
+        if cfg.train.max_staleness:
+            raise ConfigError("train.strategy=fsdp2 with a served sampler runs train.max_staleness=0 only: use "
+                              "train.strategy=ddp to sample ahead")
+        return
+    if cfg.sampling.backend == "vllm" or cfg.train.max_staleness or cfg.sampling.dtype is not None:
+        raise ConfigError("train.strategy=fsdp2 shards the student over the processes; a colocated "
+                          "sampling.backend=vllm, train.max_staleness > 0 and sampling.dtype need its whole weights on "
+                          "every rank: use train.strategy=ddp, or serve the student (sampling.url)")
+
+
 def build(cfg: RunConfig, console: Console | None = None) -> Components:
     """Check the tokenizers, load the models, read or generate the data."""
     if cfg.sampling.backend == "vllm" and cfg.sampling.url is None:
@@ -204,17 +226,15 @@ def build(cfg: RunConfig, console: Console | None = None) -> Components:
     # Under torchrun the learner's forward becomes data-parallel (DDP or FSDP2; no-op on one process).
     distributed.wrap(learner, cfg.train.strategy)
     try:
-        if distributed.is_sharded(learner) and (cfg.sampling.backend == "vllm" or cfg.train.max_staleness
-                                                 or cfg.sampling.dtype is not None):
-            raise ConfigError("train.strategy=fsdp2 shards the student over the processes; sampling.backend=vllm, "
-                              "train.max_staleness > 0 and sampling.dtype need its whole weights on every rank: use "
-                              "train.strategy=ddp")
+        check_distributed_sampling(cfg, learner)
         sampler = build_sampler(cfg, learner, tokenizer, student, Path(cfg.run_dir))
     except BaseException:
         if teacher is not None:
             teacher.close()
         raise
-    if distributed.is_sharded(learner):  # FSDP2: the sampler gathers the sharded weights it reads
+    if distributed.active() and cfg.sampling.url is not None:  # one server for every rank: rank 0 syncs it
+        sampler = distributed.RankZeroSync(sampler, learner)
+    elif distributed.is_sharded(learner):  # FSDP2: the sampler gathers the sharded weights it reads
         sampler = distributed.GatheringSampler(sampler, learner)
     teacher_sampler = teacher.as_sampler(cfg.sampling) if teacher is not None else None
     if teacher_sampler is not None:  # the teacher's ceiling runs the same episodes (env:)

@@ -212,3 +212,22 @@ def test_fsdp2_rank0_alone_reads_the_student_and_every_rank_gets_its_weights(tmp
         for name, tensor in reference.named_buffers():
             assert torch.equal(buffers[name], tensor), name
     assert torch.equal(built["greedy"][0], built["greedy"][1])
+
+
+def test_what_a_sampler_cannot_do_under_torchrun_is_refused_before_any_work(monkeypatch):
+    from opd.components import check_distributed_sampling
+
+    class Sharded:
+        strategy = "fsdp2"
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    served = [*TINY_RUN, "sampling.backend=vllm", "sampling.url=http://127.0.0.1:9"]
+    with pytest.raises(ConfigError, match="weight_sync=nccl under torchrun is not supported yet"):
+        check_distributed_sampling(load_config(None, [*served, "sampling.weight_sync=nccl"]), learner=None)
+    check_distributed_sampling(load_config(None, served), Sharded())  # FSDP2, full weights: rank 0 exports
+    with pytest.raises(ConfigError, match="LoRA student and a served sampler"):
+        check_distributed_sampling(load_config(None, [*served, "student.lora.rank=4"]), Sharded())
+    with pytest.raises(ConfigError, match="train.max_staleness=0 only"):
+        check_distributed_sampling(load_config(None, [*served, "train.max_staleness=1"]), Sharded())
+    with pytest.raises(ConfigError, match="serve the student"):  # a colocated engine needs the whole weights
+        check_distributed_sampling(load_config(None, [*TINY_RUN, "sampling.backend=vllm"]), Sharded())

@@ -345,6 +345,38 @@ class GatheringSampler:
         self.sampler.close()
 
 
+class RankZeroSync:
+    """A served student (sampling.url) under torchrun: one engine answers every rank, so rank 0
+    alone writes the weights and has the server reload them, and no rank samples again until it
+    has (the others would draw from the old weights). Every rank raises rank 0's error. FSDP2: the
+    whole weights are gathered to rank 0, on the CPU, for the export (`opd.roles.Sampler`)."""
+
+    def __init__(self, sampler, learner):
+        self.sampler, self.learner = sampler, learner
+        self.tokenizer = sampler.tokenizer
+
+    def sample(self, *args, **kwargs):
+        return self.sampler.sample(*args, **kwargs)
+
+    def sync_weights(self) -> None:
+        self.learner.full_state = full_model_state(self.learner)  # FSDP2: a collective; None otherwise
+        try:
+            failure = None
+            if is_main():
+                try:
+                    self.sampler.sync_weights()
+                except Exception as err:  # every rank stops with it; none waits for the others
+                    failure = err
+            failure = broadcast_object(failure)  # also the barrier: the reload is done
+        finally:
+            self.learner.full_state = None
+        if failure is not None:
+            raise failure
+
+    def close(self) -> None:
+        self.sampler.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 

@@ -173,6 +173,8 @@ class Learner:
         """The policy's weights as a plain Hugging Face checkpoint names them, a LoRA adapter merged
         into its base (W + scale * B @ A) without touching the trained model: what an inference
         engine (the vLLM sampler) loads after each step."""
+        if self.full_state is not None:  # FSDP2: the whole weights gathered on rank 0 (full weights only)
+            return dict(self.full_state)
         return merged_weights(self.model)
 
     def export_policy(self, directory: Path, tokenizer, weights_only: bool = False) -> None:
