@@ -13,6 +13,7 @@ that does not use it.
    same steps; every eval runs the Env (the teacher's KL is measured on the student's tokens).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/tool_env/run.py OUT_DIR
+    OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/tool_env/run.py OUT_DIR --longer 1200   # + forward KL, longer
     python experiments/tool_env/run.py --results OUT_DIR/results.json   # rewrite RESULTS.md only
 """
 
@@ -126,7 +127,8 @@ def machine() -> str:
             f"{torch.get_num_threads()} thread(s)")
 
 
-KEYS = ("step", "eval/accuracy", "eval/env/tool_call_rate", "eval/env/turns", "eval/teacher_kl", "eval/env/truncated")
+KEYS = ("step", "eval/accuracy", "eval/env/tool_call_rate", "eval/env/turns", "eval/teacher_kl", "eval/env/truncated",
+        "eval/truncated", "eval/completion_len")
 
 
 def fmt(x, digits=3):
@@ -158,18 +160,30 @@ def reading(results: dict) -> str:
                     "probability of it times its log-ratio, so a token the student gives ~0 (the `<` of `<calc>`) gets "
                     "~0 push however much the teacher wants it: reverse KL (mode-seeking) can only move the student among "
                     "the continuations it already samples, and rather than discover the tool it drifts to whatever the "
-                    "teacher dislikes least there. The forward KL weighs each token by the teacher's probability, so it "
+                    f"teacher dislikes least there (here: strings of digits, {last['distill']['eval/truncated']:.0%} "
+                    "of its eval turns run to max_new_tokens). The forward KL weighs each token by the teacher's probability, so it "
                     "raises `<calc>` directly.")
     if "rl" in runs:
         text.append(f"RL needs a correct answer to learn from, and the no-tool student almost never has one: "
-                    f"{results['groups_all_equal_frac']['rl']:.0%} of its training groups of 4 are all-equal "
-                    "(every episode the same reward), their advantage 0.")
-    if max(r["eval/accuracy"] for rows in runs.values() for r in rows[1:]) < 0.05:
+                    f"{results['groups_all_equal_frac']['rl']:.1%} of its training groups of 4 are all-equal "
+                    "(every episode the same reward), their advantage 0. The few others still move it, Adam giving "
+                    "their rare gradients full-size steps, and not towards the tool: the teacher KL rises "
+                    f"({first['rl']['eval/teacher_kl']:.2f} -> {last['rl']['eval/teacher_kl']:.2f}).")
+    main = [name for name in runs if name in ARMS]
+    if max(r["eval/accuracy"] for name in main for r in runs[name][1:]) < 0.05:
         text.append(f"None of the arms moves accuracy within {steps} steps (the budget of this CPU run): learning the "
                     "protocol (calling the tool) comes first, then copying the operands and the tool's result "
                     "exactly, which takes longer. Small and short: a demonstration of the mechanism, not a benchmark.")
     else:
         text.append("Small and short: a demonstration of the mechanism, not a benchmark.")
+    extra = results["setting"].get("longer")
+    if extra:
+        rows = runs[f"distill_forward_kl_{extra['steps']}"]
+        best = max(rows, key=lambda r: r["eval/accuracy"])
+        text.append(f"Longer (`--longer {extra['steps']}`, {extra['minutes']:.1f} more minutes): forward-KL "
+                    f"distillation for {extra['steps']} steps reaches tool-call rate "
+                    f"{rows[-1]['eval/env/tool_call_rate']:.2f}, teacher KL {rows[-1]['eval/teacher_kl']:.2f} and "
+                    f"accuracy {rows[-1]['eval/accuracy']:.2f} (best {best['eval/accuracy']:.2f}, step {best['step']}).")
     return "\n".join(text).replace("\n", " ")
 
 
@@ -178,7 +192,7 @@ def write_results(results: dict, path: Path) -> None:
     models, setting = results["models"], results["setting"]
     lines = [
         "# Distil vs RL on the calculator Env (issue 29)", "",
-        "Written by `experiments/tool_env/run.py` from `results.json`; the run:", "",
+        "Written by `experiments/tool_env/run.py` from `results.json`; the commands:", "",
         f"    {setting['command']}", "",
         f"Machine: {setting['machine']}. Minutes: SFT of the teacher {setting['sft_minutes']['teacher']:.1f}, of the "
         f"no-tool student {setting['sft_minutes']['no_tool']:.1f} (a rerun into the same folder reuses both), evals "
@@ -197,23 +211,54 @@ def write_results(results: dict, path: Path) -> None:
         f"From the no-tool student, {setting['steps']} steps of 8 prompts x 4 episodes each, lr 1e-3: `distill` "
         "(loss.kind=reverse_kl: the teacher scores the whole episode, the loss is on the student's tokens only), "
         "`distill_forward_kl` (the same with loss.kind=forward_kl) and `rl` (the Env's reward, kl_coef 0). "
-        "Teacher KL: the sampled estimate on the student's own tokens of the eval episodes (tool messages excluded).", "",
-        "| run | step | eval accuracy | tool-call rate | turns | teacher KL (student tokens) | truncated episodes |",
-        "|---|---|---|---|---|---|---|",
+        "Teacher KL: the sampled estimate on the student's own tokens of the eval episodes (tool messages excluded). "
+        "Truncated episodes: past env.max_tokens; turns cut: a sampled turn that ran to max_new_tokens (20) "
+        "without ending.", "",
+        "| run | step | eval accuracy | tool-call rate | turns | teacher KL (student tokens) | truncated episodes "
+        "| turns cut at max_new_tokens | student tokens per episode |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in results["runs"].items():
         for r in rows:
             lines.append(f"| {name} | {r['step']} | {fmt(r['eval/accuracy'])} | {fmt(r['eval/env/tool_call_rate'])} "
                          f"| {fmt(r['eval/env/turns'], 2)} | {fmt(r['eval/teacher_kl'], 2)} "
-                         f"| {fmt(r['eval/env/truncated'], 2)} |")
+                         f"| {fmt(r['eval/env/truncated'], 2)} | {fmt(r.get('eval/truncated'), 2)} "
+                         f"| {fmt(r.get('eval/completion_len'), 1)} |")
+    if "longer" in setting:
+        lines[5:5] = [f"    {setting['longer']['command']}"]
     lines += ["", reading(results), ""]
     path.write_text("\n".join(lines))
+
+
+def longer(out: Path, steps: int, here: Path) -> None:
+    """The forward-KL arm again for `steps` steps, from the same student, added to OUT/results.json."""
+    name, start = f"distill_forward_kl_{steps}", time.time()
+    done = out / name / "longer.json"  # kept, so that a second call only merges
+    if not done.exists():
+        records = run("distill_forward_kl", out / "teacher", out / "no_tool", out,
+                      (f"run_dir={out / name}", f"train.steps={steps}", f"eval.every={max(steps // 5, 1)}"))
+        done.write_text(json.dumps({"minutes": (time.time() - start) / 60}))
+    if not (out / "results.json").exists():
+        sys.exit(f"{out / 'results.json'} is missing: run `run.py {out}` first, then this again (it only merges now)")
+    results, longer_run = json.loads((out / "results.json").read_text()), json.loads(done.read_text())
+    records = read_metrics(out / name / "metrics.jsonl")
+    results["runs"][name] = [{k: r.get(k) for k in KEYS} for r in records if "eval/accuracy" in r]
+    results["groups_all_equal_frac"][name] = all_equal_fraction(records)
+    results["setting"]["longer"] = {"steps": steps, "minutes": longer_run["minutes"], "command":
+                                    f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} PYTHONPATH=. python "
+                                    f"experiments/tool_env/run.py {out} --longer {steps}"}
+    for path in (out / "results.json", here / "results.json"):
+        path.write_text(json.dumps(results, indent=1))
+    write_results(results, here / "RESULTS.md")
 
 
 if __name__ == "__main__":
     here = Path(__file__).parent
     if sys.argv[1:2] == ["--results"]:
         write_results(json.loads(Path(sys.argv[2]).read_text()), here / "RESULTS.md")
+        sys.exit(0)
+    if sys.argv[2:3] == ["--longer"]:
+        longer(Path(sys.argv[1]), int(sys.argv[3]), here)
         sys.exit(0)
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tool_env")
     out.mkdir(parents=True, exist_ok=True)
