@@ -20,6 +20,7 @@ that does not use it.
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -101,6 +102,8 @@ ARMS = {
 
 def run(name: str, teacher: Path, student: Path, out: Path, extra: tuple = ()) -> list[dict]:
     method, settings = ARMS[name]
+    if (out / name).exists():  # this script's own run folder from an earlier call: run it again
+        shutil.rmtree(out / name)
     overrides = [f"method={method}", f"run_dir={out / name}", f"student.path={student}", f"teacher.path={teacher}",
                  *TASK_OVERRIDES, *ENV_OVERRIDES, f"task.eval_size={EVAL_PROBLEMS}",
                  "sampling.samples_per_prompt=4", "train.prompts_per_step=8", "train.micro_batch_size=32",
