@@ -9,8 +9,9 @@ that does not use it.
    No-tool student: the same architecture, the same problems and the same SFT budget, answered
    directly ("The answer is 1517."): it has to multiply in its head, and a tiny model cannot.
 3. `opd distill` (loss.kind=reverse_kl: the teacher scores whole episodes, the loss counts the
-   student's tokens only) and `opd rl` (the Env's reward, no teacher) from the no-tool student,
-   same steps; every eval runs the Env (the teacher's KL is measured on the student's tokens).
+   student's tokens only), the same with loss.kind=forward_kl, and `opd rl` (the Env's reward, no
+   teacher) from the no-tool student, same steps; every eval runs the Env (the teacher's KL is
+   measured on the student's tokens).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/tool_env/run.py OUT_DIR
     OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/tool_env/run.py OUT_DIR --longer 1200   # + forward KL, longer
