@@ -175,6 +175,10 @@ class ArithmeticTaskConfig(Section):
     digits: int = Field(1, ge=1, le=6)
     operations: int = Field(1, ge=1, le=6)
     operators: str = Field("+-", pattern=r"^[+\-*]+$")  # any of + - *
+    # Word problems instead of bare expressions: a short templated sentence per problem ("A crate
+    # holds 37 boxes of 41 apples. How many apples are in the crate?"), operands from 2 to
+    # 10^digits - 1, one or two operations; graded on the final answer as the bare problems are.
+    words: bool = False
 
 
 class KnowledgeTaskConfig(Section):

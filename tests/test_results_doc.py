@@ -35,3 +35,17 @@ def test_a_result_made_with_another_recipe_is_refused():
     with pytest.raises(SystemExit, match="student_start.steps"):
         write_results.check_recipes({"sft_vs_distill": {"recipe": other}}, demo_recipe())
     assert write_results.check_recipes({"a": {"recipe": demo_recipe()}, "b": {}}, demo_recipe()) == ["b"]
+
+
+def test_tool_env_results_md_is_what_its_script_writes_from_results_json(tmp_path):
+    """experiments/tool_env/RESULTS.md: every figure comes from results.json, through the script."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("tool_env_run", EXPERIMENTS / "tool_env" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = json.loads((EXPERIMENTS / "tool_env" / "results.json").read_text())
+    module.write_results(results, tmp_path / "RESULTS.md")
+    assert (tmp_path / "RESULTS.md").read_text() == (EXPERIMENTS / "tool_env" / "RESULTS.md").read_text(), \
+        "experiments/tool_env/RESULTS.md differs from its results.json: run experiments/tool_env/run.py --results"
+    assert results["models"]["teacher"]["accuracy"] >= 0.8 > 0.2 >= results["models"]["no_tool"]["accuracy"]

@@ -114,6 +114,71 @@ def test_arithmetic_records():
     assert operands == set(range(10))  # one digit, 0 included
 
 
+def word_problems(operations, operators, count=200, split="eval", seed=0):
+    cfg = task("arithmetic", seed=seed, arithmetic={"digits": 2, "operations": operations, "operators": operators,
+                                                    "words": True})
+    return make_records(cfg, split, count)
+
+
+@pytest.mark.parametrize("operations, operators", [(1, "*"), (1, "+-*"), (2, "+-*")])
+def test_word_problems_are_deterministic_and_their_answers_right(operations, operators):
+    from opd.envs.calculator import calculate
+    from opd.tasks.arithmetic import WORD_TEMPLATES
+
+    records = word_problems(operations, operators)
+    assert records == word_problems(operations, operators)  # the same seed: the same problems
+    assert records != word_problems(operations, operators, seed=1)
+    train = word_problems(operations, operators, split="train")
+    assert not {prompt_of(r) for r in records} & {prompt_of(r) for r in train}  # held out
+    used = set()
+    for r in records:
+        numbers = [int(x) for x in re.findall(r"\d+", prompt_of(r))]
+        assert len(numbers) == operations + 1 and all(2 <= x <= 99 for x in numbers)
+        # The sentence is one of the templates with these numbers in its slots.
+        template = next(t for ops, t in WORD_TEMPLATES if t.format(*numbers) in prompt_of(r))
+        used.add(template)
+        assert prompt_of(r).endswith('End with "The answer is <number>."')
+        # The answer, computed here independently: the calculator on the record's expression, whose
+        # numbers are the sentence's, in order.
+        assert [int(x) for x in re.findall(r"\d+", r["expression"])] == numbers
+        assert str(calculate(r["expression"])) == r["answer"] and int(r["answer"]) >= 0
+        assert r["completion"].endswith(f"The answer is {r['answer']}.") and r["completion"].count(" = ") == operations
+    ops_used = {ops for ops, t in WORD_TEMPLATES if t in used}
+    assert ops_used == {ops for ops, _ in WORD_TEMPLATES if len(ops) == operations and set(ops) <= set(operators)}
+
+
+def test_word_problems_by_hand():
+    # "Tom buys 23 tickets at 17 dollars each and pays 12 dollars for parking": 23 * 17 + 12 = 403;
+    # "a team of 3 boys and 4 girls, 5 stickers each": (3 + 4) * 5 = 35, not 3 + 4 * 5.
+    records = word_problems(2, "+*", count=400)
+    team = next(r for r in records if r["messages"][0]["content"].startswith("A team"))
+    boys, girls, stickers = map(int, re.findall(r"\d+", prompt_of(team)))
+    assert team["answer"] == str((boys + girls) * stickers)
+    assert team["expression"] == f"({boys} + {girls}) * {stickers}"
+    tickets = next(r for r in records if "parking" in prompt_of(r))
+    count, price, parking = map(int, re.findall(r"\d+", prompt_of(tickets)))
+    assert tickets["answer"] == str(count * price + parking)
+
+
+def test_word_problems_graded_on_the_final_answer():
+    record = word_problems(1, "*", count=1)[0]
+    answer = int(record["answer"])
+    assert grade(record, record["completion"]).score == 1.0
+    assert grade(record, f"<calc>{record['expression']}</calc> The answer is {answer}.").score == 1.0
+    assert grade(record, f"The answer is {answer + 1}.").score == 0.0
+    assert grade(record, f"The answer is {answer}. No, the answer is {answer - 10}.").score == 0.0  # the last one
+    assert grade(record, f"{answer}").score == 0.0  # no phrase
+
+
+def test_word_problems_need_a_template_for_the_operators():
+    with pytest.raises(ValueError, match="no word problem has 3 operation"):
+        word_problems(3, "+-*")
+    with pytest.raises(ValueError, match=r"no word problem has 2 operation\(s\) using only '-'"):
+        word_problems(2, "-")
+    # bare problems are untouched by the option's default
+    assert "expression" not in make_records(task("arithmetic"), "eval", 1)[0]
+
+
 @pytest.mark.parametrize("completion, answer, score", [
     ("12 + 7 = 19. 19 - 4 = 15. The answer is 15.", "15", 1.0),
     ("the answer is -3", "-3", 1.0),
