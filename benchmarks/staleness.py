@@ -106,9 +106,9 @@ def main() -> None:
             raw[pair] = measure(overrides, args.steps, args.rounds, Path(tmp), pair)
             sections += [f"## {pair}", "", *table(raw[pair]), ""]
     load_after = os.getloadavg()[0]
-    # Other processes on the cores: a run with a sampling thread then wins a larger share of them
-    # than one without, and the ratio overstates the overlap.
-    loaded = max(load_before, load_after) > 1.5
+    # Other processes on the cores (the load before this script's own threads ran): a run with a
+    # sampling thread then wins a larger share of them than one without, and the ratio overstates the overlap.
+    loaded = load_before > 1.5
     lines = ["# Step time vs train.max_staleness (HF sampler)", "",
              f"`python benchmarks/staleness.py --pairs {args.pairs} --steps {args.steps} --rounds {args.rounds}`; "
              f"{args.rounds} round(s) x {args.steps} steps per setting, alternated; load average "

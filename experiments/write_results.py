@@ -162,7 +162,7 @@ def setting_block(recipe: dict, source: dict | None, unrecorded: list[str]) -> s
 
 
 def expected_setting() -> str:
-    """The setting block for the current code and results (also what tests/test_results_doc.py checks)."""
+    """The setting block for the current code and results (also what tests/docs/test_results_doc.py checks)."""
     from opd.cli.demo import demo_recipe
 
     results = {f.stem: json.loads(f.read_text()) for f in sorted((HERE / "results").glob("*.json"))}

@@ -12,7 +12,7 @@ Checks (each in its own process, with a deadline, so that one hang or crash does
             which grows step after step when the sync does not reach the engine
   served    the teacher on a vLLM server on the GPU (bf16), 127.0.0.1; figure: |teacher_kl - the
             in-process bf16 teacher's| per step, and the server's scoring rate
-  nccl      2 processes (torchrun, NCCL) when 2 GPUs exist: the gradient test of tests/test_distributed.py
+  nccl      2 processes (torchrun, NCCL) when 2 GPUs exist: the gradient test of tests/learner/test_distributed.py
             and a 3-step FSDP2 run; figure: wall time
 
 Exit status: 0 when every check passed or was skipped (no vLLM, one GPU for nccl), 1 otherwise.
@@ -130,7 +130,7 @@ def check_nccl(folder: Path) -> str:
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(ROOT / "tests" / "test_distributed.py"), "-k", "nccl"],
+                           str(ROOT / "tests" / "learner" / "test_distributed.py"), "-k", "nccl"],
                           capture_output=True, text=True, timeout=DEADLINE_S["nccl"] // 2, env=env, cwd=ROOT)
     if done.returncode != 0 or " passed" not in done.stdout:
         raise AssertionError(f"the NCCL gradient test failed:\n{(done.stdout + done.stderr)[-2000:]}")

@@ -1,4 +1,4 @@
-"""What tests/test_distributed.py runs under torchrun (or in its own process, as one rank).
+"""What tests/learner/test_distributed.py runs under torchrun (or in its own process, as one rank).
 
     python -m torch.distributed.run --nproc-per-node 2 tests/distributed_worker.py grads OUT.pt
     python -m torch.distributed.run --nproc-per-node 2 tests/distributed_worker.py train RUN_DIR [--resume]

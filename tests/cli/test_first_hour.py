@@ -140,7 +140,7 @@ def test_a_missing_prompts_file_and_a_used_run_dir_are_refused_before_the_models
 # ---- README commands as written
 
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def readme_commands() -> list[str]:

@@ -19,7 +19,7 @@ from opd.learner import distributed
 from opd.learner.checkpoint import latest_checkpoint
 from opd.loop import train
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: distributed_worker.py
 # A random teacher (no pretraining in every fresh process) and a small evaluation set.
 QUICK = ["teacher.tiny.pretrain_steps=0", "data.eval_holdout=4"]
 TIMING_KEYS = {"sample_s", "score_s", "train_s", "sync_s", "wall_s_total", "sample_s_total", "score_s_total", "train_s_total",

@@ -85,7 +85,7 @@ def test_the_shipped_personalize_pipeline_is_valid(tmp_path):
 
     from opd.pipeline import check_pipeline, read_pipeline
 
-    spec = read_pipeline(Path(__file__).parent.parent / "configs" / "pipeline_personalize.yaml")
+    spec = read_pipeline(Path(__file__).resolve().parents[2] / "configs" / "pipeline_personalize.yaml")
     configs = check_pipeline(spec, tmp_path, ["base:student.path=models/base"])
     assert [method for method, _ in configs.values()] == ["eval", "midtrain", "distill", "eval"]
     restore = configs["restore"][1]

@@ -64,7 +64,7 @@ def test_a_lock_held_by_another_process_refuses_and_a_killed_holder_does_not_blo
     script = tmp_path / "hold_the_lock.py"
     script.write_text(HOLDER)
     holder = subprocess.Popen([sys.executable, str(script), str(run), "--marker-argument"], stdout=subprocess.PIPE,
-                              text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+                              text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunDirectoryError) as err:

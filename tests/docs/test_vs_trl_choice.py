@@ -3,7 +3,7 @@
 import importlib.util
 from pathlib import Path
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "vs_trl.py"
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "vs_trl.py"
 
 
 def _vs_trl():

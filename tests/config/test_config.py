@@ -59,7 +59,7 @@ def test_missing_config_file(tmp_path):
 def test_shipped_example_config_is_valid():
     from pathlib import Path
 
-    cfg = load_config(Path(__file__).parent.parent / "configs" / "example.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "example.yaml")
     assert cfg.student.lora.rank == 32 and cfg.loss.kind == "sampled_reverse_kl"
 
 
@@ -68,7 +68,7 @@ def test_every_shipped_config_is_valid():
 
     import yaml
 
-    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
     assert len(configs) >= 4
     for path in configs:
         if "phases" in (yaml.safe_load(path.read_text()) or {}):  # an `opd pipeline` file: every phase checked

@@ -14,7 +14,7 @@ from opd.roles import check_output_sizes
 from opd.teacher.hf import HFTeacher
 from opd.teacher.remote import RemoteTeacher
 
-OPD = Path(__file__).resolve().parent.parent / "opd"
+OPD = Path(__file__).resolve().parents[2] / "opd"
 
 
 def test_every_implementation_states_its_contract():

