@@ -1,7 +1,17 @@
+import sys
+from pathlib import Path
+
 import pytest
 
-from helpers import TINY_RUN
-from opd.config import load_config
+# Every room's folder on the path, as tests/ is: a few tests reuse another room's fixtures by
+# importing its module (a fake served engine, a pipeline spec, two routed teachers).
+for room in sorted(p for p in Path(__file__).resolve().parent.iterdir() if p.is_dir() and p.name != "vllm"
+                   and not p.name.startswith((".", "_"))):
+    if str(room) not in sys.path:
+        sys.path.append(str(room))
+
+from helpers import TINY_RUN  # noqa: E402
+from opd.config import load_config  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
