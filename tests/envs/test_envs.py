@@ -90,14 +90,14 @@ def test_feedback_env_gives_another_try_with_a_hint():
 
 
 def test_user_env_from_the_config_only_with_a_class_spec():
-    made = env_factory("tests.test_envs:Echo", {"turns": 1})()
+    made = env_factory("tests.envs.test_envs:Echo", {"turns": 1})()
     assert type(made).__name__ == "Echo" and made.turns == 1
     with pytest.raises(ConfigError, match="no class"):
-        env_factory("tests.test_envs:Nope", {})
+        env_factory("tests.envs.test_envs:Nope", {})
     with pytest.raises(ConfigError, match="use one of"):
         env_factory("calc", {})
     with pytest.raises(ConfigError, match="unexpected keyword"):
-        env_factory("tests.test_envs:Echo", {"colour": 1})
+        env_factory("tests.envs.test_envs:Echo", {"colour": 1})
 
 
 def test_one_turn_env_is_the_single_turn_path_bit_for_bit(student):
