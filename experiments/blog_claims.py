@@ -57,6 +57,7 @@ class Setup:
     lrs: dict
     results: Path
     out: Path
+    no_clip_run: bool = True  # the sweep also runs distillation without clipping at its best lr
 
 
 DEMO = Setup("demo", TASK, TEACHER_BUILD, STUDENT_BUILD, {},
@@ -79,7 +80,8 @@ def _sums_build(seed: int, steps: int) -> dict:
 SUMS = Setup("sums", SUMS_TASK, _sums_build(seed=0, steps=1200), _sums_build(seed=1, steps=300),
              {"task": SUMS_TASK, "sampling": {"max_new_tokens": SUMS_LENGTH}, "eval": {"max_new_tokens": SUMS_LENGTH}},
              {"sft": [5e-4, 1e-3], "distill": [5e-4, 1e-3], "rl": [1e-4, 2e-4]},
-             HERE / "results" / "blog_claims_sums.json", Path("runs/experiments/blog_claims_sums"))
+             HERE / "results" / "blog_claims_sums.json", Path("runs/experiments/blog_claims_sums"),
+             no_clip_run=False)  # time went to seeds instead
 SETUPS = {"demo": DEMO, "sums": SUMS}
 SETUP = DEMO  # main() sets it from --task
 
@@ -259,7 +261,7 @@ def sweep(methods: list[str]) -> dict:
     for method in methods:
         for lr in SETUP.lrs[method]:
             one(method, lr, True)
-        if method == "distill":
+        if method == "distill" and SETUP.no_clip_run:
             one(method, chosen(table)["distill"]["lr"], False)
     return table
 
@@ -342,10 +344,10 @@ def plateau() -> dict:
     rows = [r for r in curve(long_dir) if r.get("step") == step and "flops_total" in r]
     at = {"step": step, "val_accuracy": acc, "flops_total": rows[-1]["flops_total"] if rows else None,
           "flops_total_with_data": rows[-1]["flops_total_with_data"] if rows else None}
-    start = long_dir / "checkpoints" / f"step_{step:06d}" / "model"
+    # The checkpoint at the plateau; at step 0 (SFT never beat the start) the start itself.
+    start = student if step == 0 else long_dir / "checkpoints" / f"step_{step:06d}" / "model"
     if not start.is_dir():
-        found = sorted(long_dir.glob(f"**/*{step}*/model"))
-        start = found[0] if found else start
+        raise FileNotFoundError(f"no checkpoint at the plateau (step {step}): {start}")
     at["checkpoint"] = str(start)
     # From the plateau: fresh teacher samples (another sampling seed) vs on-policy distillation.
     out = SETUP.out / "plateau" / "from_plateau"
