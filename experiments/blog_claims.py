@@ -131,7 +131,9 @@ def run_config(method: str, lr: float, clip: bool, seed: int, eval_path: Path, s
 def train_once(cfg, run_dir: Path) -> Path:
     from opd.loop import train
 
+    global TRAINED
     if not (run_dir / "summary.json").is_file():
+        TRAINED = True
         console.print(f"[bold]training {run_dir}")
         if run_dir.exists():
             import shutil
@@ -154,6 +156,8 @@ def run_facts(run_dir: Path) -> dict:
     norms = [r[k] for r in rows for k in r if k.endswith("grad_norm") and isinstance(r[k], (int, float))]
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"accuracy": [(r["step"], r["eval/accuracy"]) for r in evals],
+            # the teacher's KL on the student's eval samples: a less noisy view of the same distance
+            "teacher_kl": [(r["step"], r["eval/teacher_kl"]) for r in evals if "eval/teacher_kl" in r],
             "final": evals[-1]["eval/accuracy"], "best": max(r["eval/accuracy"] for r in evals),
             "late": statistics.fmean(r["eval/accuracy"] for r in evals[-3:]),  # the choosing score
             "grad_norm_median": statistics.median(norms) if norms else None,
@@ -167,12 +171,16 @@ def load_results(setup: Setup | None = None) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+TRAINED = False  # whether this process trained a run (else a stage only re-read finished runs)
+
+
 def save(section: str, value, command: str, started: float) -> None:
     results = load_results()
     results[section] = value
     results.setdefault("commands", {})[section] = command
-    results.setdefault("seconds", {})[section] = time.time() - started
-    results.setdefault("machine", {})[section] = {**machine_record(), "torch": torch.__version__}
+    if TRAINED or section not in results.get("seconds", {}):  # a re-read keeps the time the runs took
+        results.setdefault("seconds", {})[section] = time.time() - started
+        results.setdefault("machine", {})[section] = {**machine_record(), "torch": torch.__version__}
     SETUP.results.parent.mkdir(exist_ok=True)
     SETUP.results.write_text(json.dumps(results, indent=2))
 

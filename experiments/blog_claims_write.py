@@ -28,14 +28,21 @@ def _header(results: dict, section: str) -> list[str]:
 
 def sweep_section(results: dict, title: str = "## Item 2: each method at its own learning rate") -> list[str]:
     table = results["sweep"]
+    kl = all(r.get("teacher_kl") for r in table.values())  # recorded for the sums task's runs
     lines = [title, "",
              "### The sweep (seed 0, validation split)", "", *_header(results, "sweep"),
              "| run | val accuracy, mean of last 3 evals (chooses) | final | best | median grad norm | "
-             "steps clipped | FLOPs | FLOPs, data paid |", "|---|---|---|---|---|---|---|---|"]
+             "steps clipped | FLOPs | FLOPs, data paid |" + (" val teacher KL, start → final |" if kl else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if kl else "")]
     for name, r in sorted(table.items(), key=lambda kv: (kv[1]["method"], kv[1]["lr"], not kv[1]["clip"])):
         lines.append(f"| {name} | {r['late']:.3f} | {r['final']:.3f} | {r['best']:.3f} | "
                      f"{_fmt(r['grad_norm_median'], '.2f')} | {r['grad_clipped_steps']}/{r['steps']} | "
-                     f"{r['flops_total']:.2e} | {r['flops_total_with_data']:.2e} |")
+                     f"{r['flops_total']:.2e} | {r['flops_total_with_data']:.2e} |"
+                     + (f" {r['teacher_kl'][0][1]:.3f} → {r['teacher_kl'][-1][1]:.3f} |" if kl else ""))
+    if kl:
+        start = next(iter(table.values()))["accuracy"][0][1]
+        lines += ["", f"The student start's validation accuracy (step 0): {start:.3f}. Teacher KL: the sampled "
+                  "reverse-KL estimate (nats/token) of the teacher on the student's validation samples."]
     return lines + [""]
 
 
@@ -126,7 +133,7 @@ def curves_section(s: dict) -> list[str]:
     seeds = list(runs)
     methods = list(runs[seeds[0]])
     teacher = s["teacher_accuracy_test"]
-    lines = ["Test accuracy by step, mean over the seeds (each seed's curve in brackets where there are several):", "",
+    lines = [f"Test accuracy by step, mean over {len(seeds)} seed(s):", "",
              "| method | " + " | ".join(str(st) for st, _ in runs[seeds[0]][methods[0]]["accuracy"]) + " |",
              "|---|" + "---|" * len(runs[seeds[0]][methods[0]]["accuracy"])]
     for m in methods:
@@ -135,6 +142,14 @@ def curves_section(s: dict) -> list[str]:
             vals = [runs[sd][m]["accuracy"][i][1] for sd in seeds if i < len(runs[sd][m]["accuracy"])]
             cells.append(f"{statistics.fmean(vals):.3f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if all(runs[sd][m].get("teacher_kl") for sd in seeds for m in methods):
+        lines += ["", "Teacher KL on the student's test samples (nats/token), mean over the seeds:", "",
+                  "| method | " + " | ".join(str(st) for st, _ in runs[seeds[0]][methods[0]]["teacher_kl"]) + " |",
+                  "|---|" + "---|" * len(runs[seeds[0]][methods[0]]["teacher_kl"])]
+        for m in methods:
+            width = min(len(runs[sd][m]["teacher_kl"]) for sd in seeds)
+            lines.append(f"| {m} | " + " | ".join(
+                f"{statistics.fmean(runs[sd][m]['teacher_kl'][i][1] for sd in seeds):.3f}" for i in range(width)) + " |")
     lines += ["", f"First evaluation at or above a level (a fraction of the teacher's test accuracy {teacher:.3f}); "
               "steps and FLOPs are means over the seeds that reached it; FLOPs, data paid: SFT also pays for the "
               "teacher writing its samples.", "",
@@ -177,7 +192,7 @@ def sums_part(sums: dict, demo: dict) -> list[str]:
     if "facts" in sums:
         lines += facts_section(sums, demo)
     if "sweep" in sums:
-        lines += sweep_section(sums, "### Each method at its own learning rate")
+        lines += sweep_section(sums, "### Item 2 on sums: each method at its own learning rate")
     if "seeds" in sums:
         lines += sums_seeds_section(sums)
     if "plateau" in sums:
