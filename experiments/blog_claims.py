@@ -1,20 +1,29 @@
-"""The blog's claims tested the way the blog tested them (issue 31), on the demo's arithmetic task.
+"""The blog's claims tested the way the blog tested them (issue 31): on the demo's arithmetic task
+(the default) and on the sums task (--task sums, item 3: long answers, several solution paths,
+self-corrections, a student start far below its teacher).
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/blog_claims.py sweep   [--methods sft,distill,rl]
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/blog_claims.py seeds   [--seeds 1,2]
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/blog_claims.py plateau
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/blog_claims.py facts   [--task sums]
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/blog_claims.py sweep   [--task sums] [--methods sft,distill,rl]
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/blog_claims.py seeds   [--task sums] [--seeds 1,2]
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/blog_claims.py long    --task sums --seeds 1
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/blog_claims.py plateau [--task sums]
     .venv/bin/python experiments/blog_claims.py write
 
-Stages (each under 12 minutes on one shared core; a finished run is skipped, so a stage resumes):
-* sweep (item 2): every method at 3 learning rates (distillation also without gradient clipping at
-  its best one), seed 0, scored on a VALIDATION split: 64 of 128 held-out problems, drawn by a fixed
-  seed; the other 64 are the TEST split, never used to choose.
+Stages (each under 12 minutes on one shared core, but long; a finished run is skipped, so a stage resumes):
+* facts (item 3): what the task gives the mechanisms to act on: answer lengths and truncation at
+  max_new_tokens, corrections, teacher and student-start accuracy on the test split, and the
+  teacher's entropy (nats/token) on the student's samples and on its own.
+* sweep (item 2): every method at 3 learning rates (2 for sums; distillation also without gradient
+  clipping at its best one, demo only), seed 0, scored on a VALIDATION split: 64 of 128 held-out
+  problems, drawn by a fixed seed; the other 64 are the TEST split, never used to choose.
 * seeds (item 2): each method at its chosen setting, more seeds, evaluated on the test split;
-  steps and FLOPs to the common accuracy as in compare_methods.py.
-* plateau (item 1): SFT on teacher samples from the demo's start until validation accuracy stops
+  steps and FLOPs to the common accuracy as in compare_methods.py, and to fixed levels (LEVELS).
+* long: as seeds, one seed, 4x the steps (about 30 minutes for sums).
+* plateau (item 1): SFT on teacher samples from the start until validation accuracy stops
   rising (the measured plateau, with its FLOPs); from that checkpoint, more SFT on fresh teacher
   samples vs on-policy distillation, on the test split, in FLOPs (data paid) to the next level.
-* write: experiments/RESULTS_blog_claims.md from experiments/results/blog_claims.json.
+* write: experiments/RESULTS_blog_claims.md from experiments/results/blog_claims.json and
+  blog_claims_sums.json.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ console = Console()
 
 STEPS, EVAL_EVERY, SWEEP_EVAL_EVERY = 100, 10, 20  # the sweep evaluates less often: it only chooses
 SPLIT_SEED = 31  # which 64 of the 128 held-out problems validate, which 64 test
+LONG = {"steps": 400, "every": 40}  # the long stage (sums): one seed, four times the budget
 PLATEAU = {"steps": 400, "every": 25, "checkpoint_every": 25, "more_steps": 100, "patience": 3}
 
 
@@ -284,17 +294,22 @@ def chosen(table: dict) -> dict:
     return best
 
 
-def seeds(seed_list: list[int]) -> dict:
+def seeds(seed_list: list[int], steps: int = STEPS, every: int = EVAL_EVERY, folder: str = "seeds",
+          methods: list[str] | None = None) -> dict:
+    """Each method (all, or `methods`, in that order) at its chosen setting, per seed, on the test split."""
     paths, (teacher, student) = splits(), demo_models()
     picks = chosen(load_results()["sweep"])
+    if methods is not None:
+        picks = {m: picks[m] for m in methods}
     test_cfg = method_config("distill", student, teacher, [f"data.eval_prompts={paths['test']}"], SETUP.tree)
     teacher_accuracy = model_accuracy(test_cfg, test_cfg.teacher)
     per_seed, runs = {}, {}
     for seed in seed_list:
-        out = SETUP.out / "seeds" / f"seed_{seed}"
+        out = SETUP.out / folder / f"seed_{seed}"
         groups, extra = {}, {}
         for method, pick in picks.items():
-            cfg, written = run_config(method, pick["lr"], pick["clip"], seed, paths["test"], student, teacher)
+            cfg, written = run_config(method, pick["lr"], pick["clip"], seed, paths["test"], student, teacher,
+                                      steps=steps, every=every)
             groups[method] = [train_once(cfg, out / method)]
             if written:
                 extra[method] = written["seconds"]
@@ -375,7 +390,7 @@ def plateau() -> dict:
 def main() -> None:
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["facts", "sweep", "seeds", "plateau", "write"])
+    parser.add_argument("stage", choices=["facts", "sweep", "seeds", "long", "plateau", "write"])
     parser.add_argument("--task", choices=sorted(SETUPS), default="demo",
                         help="demo: the demo's arithmetic (results/blog_claims.json); sums: issue 31 item 3's task")
     parser.add_argument("--methods", default="sft,distill,rl")
@@ -396,6 +411,14 @@ def main() -> None:
         previous_runs = load_results().get("seeds", {}).get("runs", {})
         result["runs"] = {**previous_runs, **{str(k): v for k, v in result["runs"].items()}}
         save("seeds", result, command, started)
+    elif args.stage == "long":
+        # One seed, a longer budget: do the methods separate given more steps? Saved after each
+        # method (distillation first), so a cut-short stage keeps what it finished.
+        order = ["distill", "rl", "sft"]
+        for i in range(1, len(order) + 1):
+            result = seeds([int(s) for s in args.seeds.split(",")], steps=LONG["steps"], every=LONG["every"],
+                           folder="long", methods=order[:i])
+            save("long", {**result, "steps": LONG["steps"]}, command, started)
     elif args.stage == "plateau":
         save("plateau", plateau(), command, started)
     else:

@@ -171,9 +171,10 @@ def curves_section(s: dict) -> list[str]:
     return lines + [""]
 
 
-def sums_seeds_section(sums: dict) -> list[str]:
-    s = sums["seeds"]
-    lines = ["### The chosen settings, test split", "", *_header(sums, "seeds"),
+def sums_seeds_section(sums: dict, section: str = "seeds",
+                       title: str = "### The chosen settings, test split") -> list[str]:
+    s = sums[section]
+    lines = [title, "", *_header(sums, section),
              "Chosen on validation: " + ", ".join(f"{m} lr {p['lr']:g}{'' if p['clip'] else ' (no clipping)'}"
                                                   for m, p in s["picks"].items())
              + f"; seeds {', '.join(s['runs'])}.", ""]
@@ -195,6 +196,8 @@ def sums_part(sums: dict, demo: dict) -> list[str]:
         lines += sweep_section(sums, "### Item 2 on sums: each method at its own learning rate")
     if "seeds" in sums:
         lines += sums_seeds_section(sums)
+    if "long" in sums:
+        lines += sums_seeds_section(sums, "long", f"### A longer budget: {sums['long']['steps']} steps, one seed, test split")
     if "plateau" in sums:
         lines += plateau_section(sums)
     return lines
