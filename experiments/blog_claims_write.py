@@ -124,7 +124,12 @@ def facts_section(sums: dict, demo: dict) -> list[str]:
              "|---|---|---|---|---|---|---|", *facts_rows("sums", f)]
     if "facts" in demo:
         lines += facts_rows("demo", demo["facts"])
-        lines += ["", "The demo rows: " + _header(demo, "facts")[0].strip()]
+        lines += ["", "The demo rows: " + " ".join(x.strip() for x in _header(demo, "facts")[:2])]
+        machines = demo.get("machine", {})
+        if machines.get("facts") != machines.get("sweep"):
+            lines += ["The demo's teacher and student start in these rows were built (from the demo's recipe) on this "
+                      "machine, not on the one the demo's sweep and seeds ran on (see the Machine lines): other "
+                      "kernels train other tiny models, so their accuracies differ from those tables."]
     return lines + [""]
 
 
