@@ -23,7 +23,8 @@ def _ms(values: list, spec=".3f") -> str:
 def _header(results: dict, section: str) -> list[str]:
     machine = results.get("machine", {}).get(section, {})
     return [f"Command: `{results['commands'][section]}`  ",
-            f"Machine: `{json.dumps(machine)}`; {results['seconds'][section] / 60:.1f} min.", ""]
+            f"Machine: `{json.dumps(machine)}`; {results['seconds'][section] / 60:.1f} min (the last invocation "
+            "that trained runs; earlier ones of a resumed stage are not counted).", ""]
 
 
 def sweep_section(results: dict, title: str = "## Item 2: each method at its own learning rate") -> list[str]:
