@@ -206,6 +206,9 @@ def sums_part(sums: dict, demo: dict) -> list[str]:
         lines += sums_seeds_section(sums, "long", f"### A longer budget: {sums['long']['steps']} steps, one seed, test split")
     if "plateau" in sums:
         lines += plateau_section(sums)
+    else:
+        lines += ["### Item 1 on sums: from SFT's plateau", "", "Not run (`blog_claims.py plateau --task sums`): the "
+                  "session's time went to the seeds and the long runs.", ""]
     return lines
 
 
