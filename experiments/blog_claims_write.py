@@ -83,7 +83,7 @@ def plateau_section(results: dict) -> list[str]:
     at = p["plateau"]
     curve = ", ".join(f"{s}: {a:.3f}" for s, a in p["long_run"]["accuracy"])
     lines = ["## Item 1: from SFT's plateau", "", *_header(results, "plateau"),
-             f"SFT on teacher samples (lr {p['sft_lr']:g}) from the demo's start, validation accuracy by step: {curve}.  ",
+             f"SFT on teacher samples (lr {p['sft_lr']:g}) from the student start, validation accuracy by step: {curve}.  ",
              f"Plateau (first evaluation not beaten by the next 3): step {at['step']}, val accuracy "
              f"{at['val_accuracy']:.3f}, {_fmt(at['flops_total'], '.2e')} FLOPs "
              f"({_fmt(at['flops_total_with_data'], '.2e')} with its data paid).", "",
@@ -205,10 +205,9 @@ def sums_part(sums: dict, demo: dict) -> list[str]:
     if "long" in sums:
         lines += sums_seeds_section(sums, "long", f"### A longer budget: {sums['long']['steps']} steps, one seed, test split")
     if "plateau" in sums:
-        lines += plateau_section(sums)
+        lines += ["### Item 1 on sums (one seed)", ""] + plateau_section(sums)[1:]
     else:
-        lines += ["### Item 1 on sums: from SFT's plateau", "", "Not run (`blog_claims.py plateau --task sums`): the "
-                  "session's time went to the seeds and the long runs.", ""]
+        lines += ["### Item 1 on sums: from SFT's plateau", "", "Not run (`blog_claims.py plateau --task sums`).", ""]
     return lines
 
 
