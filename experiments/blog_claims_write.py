@@ -23,19 +23,27 @@ def _ms(values: list, spec=".3f") -> str:
 def _header(results: dict, section: str) -> list[str]:
     machine = results.get("machine", {}).get(section, {})
     return [f"Command: `{results['commands'][section]}`  ",
-            f"Machine: `{json.dumps(machine)}`; {results['seconds'][section] / 60:.1f} min.", ""]
+            f"Machine: `{json.dumps(machine)}`; {results['seconds'][section] / 60:.1f} min (the last invocation "
+            "that trained runs; earlier ones of a resumed stage are not counted).", ""]
 
 
-def sweep_section(results: dict) -> list[str]:
+def sweep_section(results: dict, title: str = "## Item 2: each method at its own learning rate") -> list[str]:
     table = results["sweep"]
-    lines = ["## Item 2: each method at its own learning rate", "",
+    kl = all(r.get("teacher_kl") for r in table.values())  # recorded for the sums task's runs
+    lines = [title, "",
              "### The sweep (seed 0, validation split)", "", *_header(results, "sweep"),
              "| run | val accuracy, mean of last 3 evals (chooses) | final | best | median grad norm | "
-             "steps clipped | FLOPs | FLOPs, data paid |", "|---|---|---|---|---|---|---|---|"]
+             "steps clipped | FLOPs | FLOPs, data paid |" + (" val teacher KL, start → final |" if kl else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if kl else "")]
     for name, r in sorted(table.items(), key=lambda kv: (kv[1]["method"], kv[1]["lr"], not kv[1]["clip"])):
         lines.append(f"| {name} | {r['late']:.3f} | {r['final']:.3f} | {r['best']:.3f} | "
                      f"{_fmt(r['grad_norm_median'], '.2f')} | {r['grad_clipped_steps']}/{r['steps']} | "
-                     f"{r['flops_total']:.2e} | {r['flops_total_with_data']:.2e} |")
+                     f"{r['flops_total']:.2e} | {r['flops_total_with_data']:.2e} |"
+                     + (f" {r['teacher_kl'][0][1]:.3f} → {r['teacher_kl'][-1][1]:.3f} |" if kl else ""))
+    if kl:
+        start = next(iter(table.values()))["accuracy"][0][1]
+        lines += ["", f"The student start's validation accuracy (step 0): {start:.3f}. Teacher KL: the sampled "
+                  "reverse-KL estimate (nats/token) of the teacher on the student's validation samples."]
     return lines + [""]
 
 
@@ -75,7 +83,7 @@ def plateau_section(results: dict) -> list[str]:
     at = p["plateau"]
     curve = ", ".join(f"{s}: {a:.3f}" for s, a in p["long_run"]["accuracy"])
     lines = ["## Item 1: from SFT's plateau", "", *_header(results, "plateau"),
-             f"SFT on teacher samples (lr {p['sft_lr']:g}) from the demo's start, validation accuracy by step: {curve}.  ",
+             f"SFT on teacher samples (lr {p['sft_lr']:g}) from the student start, validation accuracy by step: {curve}.  ",
              f"Plateau (first evaluation not beaten by the next 3): step {at['step']}, val accuracy "
              f"{at['val_accuracy']:.3f}, {_fmt(at['flops_total'], '.2e')} FLOPs "
              f"({_fmt(at['flops_total_with_data'], '.2e')} with its data paid).", "",
@@ -93,9 +101,121 @@ def plateau_section(results: dict) -> list[str]:
     return lines + [""]
 
 
-def write(results: dict, path: Path) -> None:
+def facts_rows(name: str, f: dict) -> list[str]:
+    r = f["references"]
+    rows = [f"| {name}: reference answers (train split, {r['count']}) | – | {r['length_mean']:.1f} "
+            f"({r['length_min']}–{r['length_max']}) | {r['over_max_new_tokens']:.3f} | {r['correction_rate']:.3f} | – | – |"]
+    for who in ("teacher", "student_start"):
+        x = f[who]
+        rows.append(f"| {name}: {who.replace('_', ' ')}'s samples ({x['samples']}) | {x['accuracy']:.3f} | "
+                    f"{x['length_mean']:.1f} ({x['length_min']}–{x['length_max']}) | {x['truncated']:.3f} | "
+                    f"{x['correction_rate']:.3f} | {_fmt(x['teacher_entropy'], '.3f')} | {_fmt(x['teacher_kl'], '.3f')} |")
+    return rows
+
+
+def facts_section(sums: dict, demo: dict) -> list[str]:
+    f = sums["facts"]
+    lines = ["### What the task gives the mechanisms to act on (test split)", "", *_header(sums, "facts"),
+             f"Lengths in tokens of the tiny tokenizer, with the end-of-turn token; max_new_tokens {f['max_new_tokens']}; "
+             f"{f['samples_per_problem']} samples per test problem (sampled pass@1, temperature 1). Truncated: the "
+             "share that hit max_new_tokens without ending (for references: longer than it). Corrections: the "
+             "share holding \", no: \". Teacher entropy and teacher KL (sampled reverse-KL estimate): nats per "
+             "token, the teacher scoring those samples.", "",
+             "| what | accuracy | length, mean (range) | truncated | corrections | teacher entropy on them | teacher KL |",
+             "|---|---|---|---|---|---|---|", *facts_rows("sums", f)]
+    if "facts" in demo:
+        lines += facts_rows("demo", demo["facts"])
+        lines += ["", "The demo rows: " + " ".join(x.strip() for x in _header(demo, "facts")[:2])]
+        machines = demo.get("machine", {})
+        if machines.get("facts") != machines.get("sweep"):
+            lines += ["The demo's teacher and student start in these rows were built (from the demo's recipe) on this "
+                      "machine, not on the one the demo's sweep and seeds ran on (see the Machine lines): other "
+                      "kernels train other tiny models, so their accuracies differ from those tables."]
+    return lines + [""]
+
+
+def curves_section(s: dict) -> list[str]:
+    runs = s["runs"]
+    seeds = list(runs)
+    methods = list(runs[seeds[0]])
+    teacher = s["teacher_accuracy_test"]
+    lines = [f"Test accuracy by step, mean over {len(seeds)} seed(s):", "",
+             "| method | " + " | ".join(str(st) for st, _ in runs[seeds[0]][methods[0]]["accuracy"]) + " |",
+             "|---|" + "---|" * len(runs[seeds[0]][methods[0]]["accuracy"])]
+    for m in methods:
+        cells = []
+        for i in range(len(runs[seeds[0]][m]["accuracy"])):
+            vals = [runs[sd][m]["accuracy"][i][1] for sd in seeds if i < len(runs[sd][m]["accuracy"])]
+            cells.append(f"{statistics.fmean(vals):.3f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if all(runs[sd][m].get("teacher_kl") for sd in seeds for m in methods):
+        lines += ["", "Teacher KL on the student's test samples (nats/token), mean over the seeds:", "",
+                  "| method | " + " | ".join(str(st) for st, _ in runs[seeds[0]][methods[0]]["teacher_kl"]) + " |",
+                  "|---|" + "---|" * len(runs[seeds[0]][methods[0]]["teacher_kl"])]
+        for m in methods:
+            width = min(len(runs[sd][m]["teacher_kl"]) for sd in seeds)
+            lines.append(f"| {m} | " + " | ".join(
+                f"{statistics.fmean(runs[sd][m]['teacher_kl'][i][1] for sd in seeds):.3f}" for i in range(width)) + " |")
+    lines += ["", f"First evaluation at or above a level (a fraction of the teacher's test accuracy {teacher:.3f}); "
+              "steps and FLOPs are means over the seeds that reached it; FLOPs, data paid: SFT also pays for the "
+              "teacher writing its samples.", "",
+              "| method | level | reached | step | FLOPs | FLOPs, data paid |", "|---|---|---|---|---|---|"]
+    for m in methods:
+        for lv in s["level_fractions"]:
+            got = [runs[sd][m]["levels"][str(lv)] for sd in seeds]
+            hit = [g for g in got if g["step"] is not None]
+            acc = got[0]["accuracy"]
+            lines.append(f"| {m} | {lv:g} × teacher = {acc:.3f} | {len(hit)}/{len(got)} | "
+                         f"{_ms([g['step'] for g in hit], '.0f')} | {_ms([g['flops'] for g in hit], '.2e')} | "
+                         f"{_ms([g['flops_with_data'] for g in hit], '.2e')} |")
+    lines += ["", "| method | final | best | steps clipped (grad norm > 1) | median grad norm |", "|---|---|---|---|---|"]
+    for m in methods:
+        rs = [runs[sd][m] for sd in seeds]
+        lines.append(f"| {m} | {_ms([r['final'] for r in rs])} | {_ms([r['best'] for r in rs])} | "
+                     + ", ".join(f"{r['grad_clipped_steps']}/{r['steps']}" for r in rs)
+                     + f" | {_ms([r['grad_norm_median'] for r in rs], '.2f')} |")
+    return lines + [""]
+
+
+def sums_seeds_section(sums: dict, section: str = "seeds",
+                       title: str = "### The chosen settings, test split") -> list[str]:
+    s = sums[section]
+    lines = [title, "", *_header(sums, section),
+             "Chosen on validation: " + ", ".join(f"{m} lr {p['lr']:g}{'' if p['clip'] else ' (no clipping)'}"
+                                                  for m, p in s["picks"].items())
+             + f"; seeds {', '.join(s['runs'])}.", ""]
+    return lines + curves_section(s)
+
+
+def sums_part(sums: dict, demo: dict) -> list[str]:
+    lines = ["## Item 3: the sums task (long answers, several paths, self-correction)", "",
+             "`task.name=sums` (`opd/tasks/sums.py`): \"Add 4, 1, 2, 2, 2.\" answered as partial sums in an order the "
+             "writer chooses (any number still left may come next), each step listing what is left, \"... The "
+             "answer is 11.\"; in 10% of the reference answers one sum is first written off by one and corrected "
+             "(\"5+2=8, no: 5+2=7\"). Teacher and student start: tiny Llamas of the demo's shape (hidden 128, 2 "
+             "layers) trained by SFT on the reference answers, the teacher 1200 steps, the student 300. The 128 "
+             "held-out problems are split by seed 31 into validation (64) and test (64), as for the demo; the "
+             "training prompts skip all 128. Graded on the final number.", ""]
+    if "facts" in sums:
+        lines += facts_section(sums, demo)
+    if "sweep" in sums:
+        lines += sweep_section(sums, "### Item 2 on sums: each method at its own learning rate")
+    if "seeds" in sums:
+        lines += sums_seeds_section(sums)
+    if "long" in sums:
+        lines += sums_seeds_section(sums, "long", f"### A longer budget: {sums['long']['steps']} steps, one seed, test split")
+    if "plateau" in sums:
+        lines += ["### Item 1 on sums (one seed)", ""] + plateau_section(sums)[1:]
+    else:
+        lines += ["### Item 1 on sums: from SFT's plateau", "", "Not run (`blog_claims.py plateau --task sums`).", ""]
+    return lines
+
+
+def write(all_results: dict, path: Path) -> None:
+    results = all_results["demo"]
     lines = ["# The blog's claims, tested the way the blog tested them (issue 31)", "",
-             "Generated by `experiments/blog_claims.py write` from `experiments/results/blog_claims.json`; "
+             "Generated by `experiments/blog_claims.py write` from `experiments/results/blog_claims.json` "
+             "(the demo task) and `experiments/results/blog_claims_sums.json` (the sums task); "
              "no figure typed by hand. Task and models: the demo's (`opd/cli/demo.py`). The 128 held-out "
              "problems are split by a fixed seed (31) into a validation half (64, chooses settings) and a "
              "test half (64, reports); accuracy is sampled pass@1, 2 samples per problem.", ""]
@@ -107,5 +227,7 @@ def write(results: dict, path: Path) -> None:
         lines += plateau_section(results)
     else:
         lines += ["## Item 1: from SFT's plateau", "", "Not run (`blog_claims.py plateau` exists, untested): the "
-                  "session's time went to item 2. Items 3-5 (new tasks, RL teacher, SmolLM2 personalization): not run.", ""]
+                  "session's time went to item 2. Items 4-5 (RL teacher, SmolLM2 personalization): not run.", ""]
+    if all_results.get("sums"):
+        lines += sums_part(all_results["sums"], results)
     path.write_text("\n".join(lines) + "\n")

@@ -121,7 +121,7 @@ class SourceConfig(Section):
     mixed into every step's batch by `weight`."""
 
     prompts: str | None = None  # a prompt file, as data.prompts
-    task: Literal["arithmetic", "knowledge", "instruction"] | None = None  # or a built-in task (task.* settings)
+    task: Literal["arithmetic", "knowledge", "instruction", "sums"] | None = None  # or a built-in task (task.* settings)
     name: str | None = Field(None, pattern=NAME_PATTERN)  # metric keys eval/<name>/...; default: task or file stem
     # A name in `teachers`. None: the only teacher (with several: an error, unless the source is
     # reward-only under method=rl); `none`: reward only.
@@ -199,17 +199,27 @@ class InstructionTaskConfig(Section):
     checks: list[str] | None = None  # restrict to these checks; None: all of them
 
 
+class SumsTaskConfig(Section):
+    """Sums of `operands` numbers from 0 to `max_operand`, worked as partial sums in a chosen order,
+    with a corrected slip ("5+2=8, no: 5+2=7") in `correction_rate` of the reference answers."""
+
+    operands: int = Field(5, ge=2, le=8)
+    max_operand: int = Field(9, ge=1, le=99)
+    correction_rate: float = Field(0.1, ge=0, le=1)
+
+
 class TaskConfig(Section):
     """A built-in task that generates prompts (with reference answers and a grader) for training
     and evaluation. `none`: prompts come from data files."""
 
-    name: Literal["none", "arithmetic", "knowledge", "instruction"] = "none"
+    name: Literal["none", "arithmetic", "knowledge", "instruction", "sums"] = "none"
     train_size: int = Field(2000, ge=1)
     eval_size: int = Field(100, ge=1)
     seed: int = 0  # train and eval prompts are drawn from separate streams of this seed: they never overlap
     arithmetic: ArithmeticTaskConfig = Field(default_factory=ArithmeticTaskConfig)
     knowledge: KnowledgeTaskConfig = Field(default_factory=KnowledgeTaskConfig)
     instruction: InstructionTaskConfig = Field(default_factory=InstructionTaskConfig)
+    sums: SumsTaskConfig = Field(default_factory=SumsTaskConfig)
 
 
 class SamplingConfig(Section):
@@ -363,7 +373,7 @@ class EvalConfig(Section):
     seed: int = 1234  # eval samples are drawn from their own seed: they do not perturb training
     # Built-in tasks evaluated besides the run's own eval prompts, logged as eval/<task>/...
     # (e.g. [knowledge, instruction] to watch knowledge and behaviour during mid-training).
-    tasks: list[Literal["arithmetic", "knowledge", "instruction"]] = Field(default_factory=list)
+    tasks: list[Literal["arithmetic", "knowledge", "instruction", "sums"]] = Field(default_factory=list)
     # At step 0, also the teacher's own accuracy on the eval sets (eval/teacher_accuracy): the
     # ceiling the student is measured against. In-process teachers only (a served one does not sample).
     teacher_accuracy: bool = True

@@ -81,7 +81,7 @@ def evaluate_config(cfg, weights: Path | None, tasks: list[str], label: str, con
         learner.load_weights(weights)
 
     if tasks:
-        known = ("arithmetic", "knowledge", "instruction")
+        known = ("arithmetic", "knowledge", "instruction", "sums")
         unknown = [t for t in tasks if t not in known]
         if unknown:
             raise ConfigError(f"--task {unknown[0]}: unknown task (known: {', '.join(known)})")
@@ -91,7 +91,7 @@ def evaluate_config(cfg, weights: Path | None, tasks: list[str], label: str, con
         sets = {name or (cfg.task.name if cfg.task.name != "none" else "eval"): prompts
                 for name, prompts in load_data(cfg, tokenizer).eval_sets.items()}
     else:
-        raise ConfigError("nothing to evaluate on: pass --task (arithmetic, knowledge, instruction) or a --config "
+        raise ConfigError("nothing to evaluate on: pass --task (arithmetic, knowledge, instruction, sums) or a --config "
                           "with task.name or data.eval_prompts")
 
     sampler = with_env(cfg, HFSampler(student, tokenizer, cfg.sampling))  # env: Env episodes

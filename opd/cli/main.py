@@ -251,7 +251,7 @@ def export(
 
 @app.command()
 def tasks(
-    name: str = typer.Argument(..., help="arithmetic, knowledge or instruction"),
+    name: str = typer.Argument(..., help="arithmetic, sums, knowledge or instruction"),
     out: Path = typer.Option(..., "--out", "-o", help="JSONL file to write"),
     split: str = typer.Option("train", help="train or eval"),
     count: Optional[int] = typer.Option(None, help="how many records (default: task.train_size / task.eval_size)"),

@@ -1,6 +1,6 @@
 """Tasks with graders, used both as RL rewards and for evaluation.
 
-Built-in tasks generate their own records (arithmetic, knowledge, instruction); the user's own
+Built-in tasks generate their own records (arithmetic, sums, knowledge, instruction); the user's own
 records are graded by a named grader or a user function (graders.py). `grade` picks the grader
 a record calls for:
   - a `task` field naming a built-in task -> that task's grader;
@@ -18,7 +18,7 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING, Callable
 
-from opd.tasks import arithmetic, instruction, knowledge
+from opd.tasks import arithmetic, instruction, knowledge, sums
 from opd.tasks.base import Grade, GraderError
 from opd.tasks.graders import NAMED, resolve_grader
 from opd.tasks.streams import split_records
@@ -33,6 +33,7 @@ TASK_GRADERS: dict[str, Callable[[dict, str], Grade]] = {
     "arithmetic": arithmetic.grade_arithmetic,
     "knowledge": knowledge.grade_knowledge,
     "instruction": instruction.grade_instruction,
+    "sums": sums.grade_sums,
 }
 
 
@@ -57,6 +58,9 @@ def make_records(task: TaskConfig, split: str, count: int | None = None) -> list
     if task.name == "arithmetic":
         arithmetic.check_problem_space(task.arithmetic, split, count, task.eval_size)
         draw, what = partial(arithmetic.draw_problem, task.arithmetic), "arithmetic problems"
+    elif task.name == "sums":
+        sums.check_problem_space(task.sums, split, count, task.eval_size)
+        draw, what = partial(sums.draw_problem, task.sums), "sums problems"
     else:
         draw, what = instruction.prompt_drawer(task.instruction), "instruction prompts"
     return split_records(task.name, task.seed, draw, split, count, task.eval_size, what)
