@@ -195,14 +195,6 @@ def save(section: str, value, command: str, started: float) -> None:
     SETUP.results.write_text(json.dumps(results, indent=2))
 
 
-def spread(values: list) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
 # ----------------------------------------------------------------------------------------------
 # item 3: what the task gives the blog's mechanisms to act on
 
@@ -352,8 +344,6 @@ def plateau_step(accuracy: list[tuple[int, float]], patience: int) -> tuple[int,
 
 
 def plateau() -> dict:
-    from opd.learner.checkpoint import latest_checkpoint  # noqa: F401  (checkpoint layout)
-
     paths, (teacher, student) = splits(), demo_models()
     lr = chosen(load_results()["sweep"])["sft"]["lr"]
     p = PLATEAU
