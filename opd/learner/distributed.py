@@ -163,6 +163,21 @@ SUMMED = ("tokens", "groups_all_equal", "teacher_requests", "teacher_retries", "
 TOKEN_MEANS = ("entropy", "teacher_kl", "chunks_per_token", "teacher_tokens_per_token")
 
 
+def on_main_rank(work):
+    """`work()` on rank 0 alone; every rank returns its result or raises its error. The broadcast is
+    also the barrier: no rank goes on before rank 0 is done, and none waits for a rank that failed."""
+    outcome = None
+    if is_main():
+        try:
+            outcome = ("done", work())
+        except Exception as err:
+            outcome = ("failed", err)
+    kind, value = broadcast_object(outcome)
+    if kind == "failed":
+        raise value
+    return value
+
+
 def combine_metrics(metrics: dict) -> dict:
     """The step metrics of the global batch, the same on every rank, from each rank's own."""
     if not active():
@@ -361,17 +376,9 @@ class RankZeroSync:
     def sync_weights(self) -> None:
         self.learner.full_state = full_model_state(self.learner)  # FSDP2: a collective; None otherwise
         try:
-            failure = None
-            if is_main():
-                try:
-                    self.sampler.sync_weights()
-                except Exception as err:  # every rank stops with it; none waits for the others
-                    failure = err
-            failure = broadcast_object(failure)  # also the barrier: the reload is done
+            on_main_rank(self.sampler.sync_weights)  # returns on every rank once the reload is done
         finally:
             self.learner.full_state = None
-        if failure is not None:
-            raise failure
 
     def close(self) -> None:
         self.sampler.close()
@@ -474,19 +481,10 @@ def save_checkpoint(run_dir, step: int, learner, tokenizer, trainer_state: dict,
     trainer_state = {**trainer_state, "world_size": world_size(), "rng_ranks": gather_objects(trainer_state["rng"])}
     learner.full_state = full_model_state(learner)  # FSDP2: gathered (a collective), read by learner.save
     try:
-        outcome = None
-        if is_main():
-            try:
-                outcome = ("saved", checkpoint.save_checkpoint(run_dir, step, learner, tokenizer, trainer_state,
+        return on_main_rank(lambda: checkpoint.save_checkpoint(run_dir, step, learner, tokenizer, trainer_state,
                                                                keep_last))
-            except Exception as err:  # every rank stops with rank 0's error, none waits for the others
-                outcome = ("failed", err)
-        kind, value = broadcast_object(outcome)
     finally:
         learner.full_state = None
-    if kind == "failed":
-        raise value
-    return value
 
 
 def rng_of(trainer_state: dict) -> dict:
