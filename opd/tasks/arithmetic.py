@@ -147,8 +147,14 @@ def final_integer(completion: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def grade_arithmetic(record: dict, completion: str) -> Grade:
-    answer = str(required_field(record, "answer", "arithmetic")).strip()
+def grade_final_integer(record: dict, completion: str, task: str) -> Grade:
+    """1 when the integer after the last "The answer is" equals the record's integer answer (the
+    grader of every task answered by one number)."""
+    answer = str(required_field(record, "answer", task)).strip()
     if not re.fullmatch(r"-?\d+", answer):
-        raise GraderError(f"arithmetic record answer must be an integer, found {answer!r}")
+        raise GraderError(f"{task} record answer must be an integer, found {answer!r}")
     return Grade(score=1.0 if final_integer(completion) == int(answer) else 0.0)
+
+
+def grade_arithmetic(record: dict, completion: str) -> Grade:
+    return grade_final_integer(record, completion, "arithmetic")

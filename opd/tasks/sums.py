@@ -16,8 +16,8 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING
 
-from opd.tasks.arithmetic import final_integer
-from opd.tasks.base import Grade, GraderError, required_field, user_message
+from opd.tasks.arithmetic import grade_final_integer
+from opd.tasks.base import Grade, user_message
 
 if TYPE_CHECKING:
     from opd.config import SumsTaskConfig
@@ -69,7 +69,4 @@ def draw_problem(cfg: SumsTaskConfig, rng: random.Random) -> dict:
 
 
 def grade_sums(record: dict, completion: str) -> Grade:
-    answer = str(required_field(record, "answer", "sums")).strip()
-    if not answer.lstrip("-").isdigit():
-        raise GraderError(f"sums record answer must be an integer, found {answer!r}")
-    return Grade(score=1.0 if final_integer(completion) == int(answer) else 0.0)
+    return grade_final_integer(record, completion, "sums")
