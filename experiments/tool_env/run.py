@@ -20,7 +20,6 @@ that does not use it.
 
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 
 from opd.config import LossConfig, OptimConfig, TaskConfig, TinyModelConfig, load_config
 from opd.eval_command import run_eval
+from opd.hardware import cpu_name, usable_cores
 from opd.learner.learner import Learner
 from opd.loop import train
 from opd.rollouts import sequence_batch
@@ -122,12 +122,7 @@ def all_equal_fraction(records: list[dict]) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return (f"{cpu}, {os.cpu_count()} cores (shared with other jobs), torch {torch.__version__} on "
+    return (f"{cpu_name()}, {usable_cores()} cores (shared with other jobs), torch {torch.__version__} on "
             f"{torch.get_num_threads()} thread(s)")
 
 
